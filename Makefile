@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# torch as the developers' machines serve it; a CANN/CUDA image brings its own (see images/).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint unit clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e '.[dev,pipeline]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench components pipelines
+	$(VENV)/bin/ruff format --check src tests bench components pipelines
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -m "not containers" $(PYTEST_ARGS)
+
+test: lint unit
+
+demo: $(STAMP)
+	$(PY) -m cascade_rcnn.demo
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache demo_out

@@ -1,0 +1,110 @@
+from pathlib import Path
+
+import pytest
+
+from cascade_rcnn.config import ConfigError, get_cfg, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CASCADE_1X = REPO / "configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml"
+CASCADE_3X = REPO / "configs/Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml"
+FIXTURE = REPO.parent / "shared/fixtures/d2_parity/config.yaml"
+
+
+def test_cascade_1x_effective_values():
+    cfg = load_config(CASCADE_1X)
+    # The values the fact sheet lists as effective for the 1x schedule.
+    assert cfg.MODEL.ROI_HEADS.NAME == "CascadeROIHeads"
+    assert cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG is True
+    assert cfg.MODEL.MASK_ON is True
+    assert cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN == 2000
+    assert cfg.MODEL.RPN.PRE_NMS_TOPK_TEST == 1000
+    assert cfg.MODEL.RPN.IN_FEATURES == ["p2", "p3", "p4", "p5", "p6"]
+    assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[32], [64], [128], [256], [512]]
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (640, 672, 704, 736, 768, 800)
+    assert cfg.SOLVER.STEPS == (60000, 80000) and cfg.SOLVER.MAX_ITER == 90000
+    assert cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS == (0.5, 0.6, 0.7)
+    assert cfg.MODEL.ROI_MASK_HEAD.NUM_CONV == 4
+    assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+
+
+def test_3x_overrides_schedule_only():
+    one, three = load_config(CASCADE_1X), load_config(CASCADE_3X)
+    assert three.SOLVER.STEPS == (210000, 250000) and three.SOLVER.MAX_ITER == 270000
+    three.SOLVER.STEPS, three.SOLVER.MAX_ITER = one.SOLVER.STEPS, one.SOLVER.MAX_ITER
+    assert three == one
+
+
+def test_fixture_config_loads_with_its_base():
+    cfg = load_config(FIXTURE)
+    assert cfg.MODEL.RESNETS.STEM_OUT_CHANNELS == 16
+    assert cfg.MODEL.FPN.OUT_CHANNELS == 64
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (256, 288, 320)  # a YAML string parsed as a tuple
+
+
+def test_overrides_are_parsed_and_typed():
+    cfg = load_config(
+        CASCADE_1X, ["SOLVER.BASE_LR", "0.2", "SOLVER.STEPS", "(15000, 20000)", "MODEL.DEVICE", "npu"]
+    )
+    assert cfg.SOLVER.BASE_LR == 0.2
+    assert cfg.SOLVER.STEPS == (15000, 20000)
+    assert cfg.MODEL.DEVICE == "npu"
+    cfg = load_config(CASCADE_1X, ["SOLVER.MAX_ITER", "10", "SOLVER.AMP.ENABLED", "True"])
+    assert cfg.SOLVER.MAX_ITER == 10 and isinstance(cfg.SOLVER.MAX_ITER, int)
+    assert cfg.SOLVER.AMP.ENABLED is True
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{CASCADE_1X}"\nMODEL:\n  RESNET:\n    DEPTH: 101\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert "MODEL.RESNET" in str(e.value) and str(bad) in str(e.value)
+    assert "RESNETS" in str(e.value)  # suggests the near miss
+
+
+def test_unknown_key_in_base_names_the_base_file(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("SOLVER:\n  BASE_LRR: 0.1\n")
+    child = tmp_path / "child.yaml"
+    child.write_text('_BASE_: "base.yaml"\n')
+    with pytest.raises(ConfigError, match=r"base\.yaml.*SOLVER\.BASE_LRR"):
+        load_config(child)
+
+
+def test_unknown_override_and_bad_types():
+    with pytest.raises(ConfigError, match="SOLVER.BASE_LRR"):
+        load_config(CASCADE_1X, ["SOLVER.BASE_LRR", "0.1"])
+    with pytest.raises(ConfigError, match="odd"):
+        load_config(CASCADE_1X, ["SOLVER.BASE_LR"])
+    with pytest.raises(ConfigError, match="SOLVER.MAX_ITER"):
+        load_config(CASCADE_1X, ["SOLVER.MAX_ITER", "many"])
+    with pytest.raises(ConfigError, match="SOLVER.MAX_ITER"):
+        load_config(CASCADE_1X, ["SOLVER.MAX_ITER", "1.5"])
+
+
+def test_missing_file_and_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text('_BASE_: "b.yaml"\n')
+    b.write_text('_BASE_: "a.yaml"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(a)
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(CASCADE_1X)
+    path = tmp_path / "dumped.yaml"
+    path.write_text(cfg.dump())
+    again = load_config(path)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_frozen_config_refuses_writes():
+    cfg = get_cfg().freeze()
+    with pytest.raises(AttributeError):
+        cfg.SEED = 3
+    clone = cfg.clone()
+    clone.SEED = 3
+    assert clone.SEED == 3 and cfg.SEED == -1
