@@ -82,6 +82,9 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("numpy", "dtype"): np.dtype,
         ("collections", "OrderedDict"): OrderedDict,
         ("_codecs", "encode"): _latin1_encode,
+        # Protocol-2 pickles written by Python 3 rebuild (empty) bytes through bytes().
+        ("builtins", "bytes"): bytes,
+        ("__builtin__", "bytes"): bytes,
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("__builtin__", "set"): set,
