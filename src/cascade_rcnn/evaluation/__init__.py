@@ -13,12 +13,14 @@ from cascade_rcnn.evaluation.coco_eval import (
     detections_to_coco_results,
     evaluate_coco,
 )
+from cascade_rcnn.evaluation.evaluate import evaluate_checkpoint
 from cascade_rcnn.evaluation.inference import gather_predictions, inference_on_dataset
 from cascade_rcnn.evaluation.report import format_table, html_report, kfp_metrics, markdown_report
 
 __all__ = [
     "detections_to_coco_json",
     "detections_to_coco_results",
+    "evaluate_checkpoint",
     "evaluate_coco",
     "format_table",
     "gather_predictions",

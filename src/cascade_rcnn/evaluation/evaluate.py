@@ -1,0 +1,212 @@
+"""Evaluate a checkpoint on a COCO-layout split and write the results under an output URI.
+
+Files written (by rank 0) under `output` (a local path, file:// or s3:// prefix):
+- coco_instances_results.json: the raw detections in COCO results format;
+- metrics.json: {"bbox": {...}, "segm": {...}} (×100; NaN stored as null);
+- report.md and report.html (when report=True): the tables, and for HTML a few example images with
+  their predictions drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.distributed as dist
+
+from cascade_rcnn.evaluation.coco_eval import detections_to_coco_json, evaluate_coco, save_json
+from cascade_rcnn.evaluation.inference import inference_on_dataset
+from cascade_rcnn.evaluation.report import ReportExample, format_table, html_report, markdown_report
+
+logger = logging.getLogger(__name__)
+
+RESULTS_JSON = "coco_instances_results.json"
+METRICS_JSON = "metrics.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def load_model(cfg, weights: str, device: torch.device) -> torch.nn.Module:
+    """build_model(cfg) with `weights` (our checkpoint or detectron2's) loaded, in eval mode on `device`."""
+    from cascade_rcnn.checkpoint import load_into_model, load_weights
+    from cascade_rcnn.modeling import build_model
+
+    model = build_model(cfg)
+    load_into_model(model, load_weights(weights))
+    return model.to(device).eval()
+
+
+def results_to_detections(
+    results: Sequence[Mapping], dataset_id_to_contiguous: Mapping[int, int], hw: tuple[int, int]
+):
+    """COCO result dicts of one image -> Detections (XYXY boxes, contiguous classes, decoded masks)."""
+    from cascade_rcnn.structures import Detections
+
+    h, w = hw
+    boxes = np.array([r["bbox"] for r in results], dtype=np.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    masks = None
+    if results and all("segmentation" in r for r in results):
+        masks = torch.from_numpy(
+            np.stack([mask_util.decode(r["segmentation"]).astype(bool) for r in results])
+        )
+    return Detections(
+        boxes=torch.from_numpy(boxes),
+        scores=torch.tensor([r["score"] for r in results], dtype=torch.float32),
+        classes=torch.tensor(
+            [dataset_id_to_contiguous[r["category_id"]] for r in results], dtype=torch.int64
+        ),
+        masks=masks,
+        image_size=(h, w),
+    )
+
+
+def _read_image_rgb(file_name: str) -> np.ndarray:
+    from cascade_rcnn.data.image_io import read_image
+
+    if file_name.startswith("s3://"):
+        from cascade_rcnn import storage
+
+        return read_image(storage.get_bytes(file_name), format="RGB")
+    return read_image(
+        file_name[len("file://") :] if file_name.startswith("file://") else file_name, format="RGB"
+    )
+
+
+def _examples(predictions: list[dict], meta, num: int) -> list[ReportExample]:
+    """The first `num` images that have detections, read again at full resolution and RGB."""
+    out: list[ReportExample] = []
+    for pred in predictions:
+        if len(out) >= num:
+            break
+        if not pred["instances"]:
+            continue
+        try:
+            image = _read_image_rgb(pred["file_name"])
+        except Exception as e:  # a report must not fail the evaluation that produced the metrics
+            logger.warning("report: cannot read %s for the examples: %s", pred["file_name"], e)
+            continue
+        det = results_to_detections(
+            pred["instances"], meta.thing_dataset_id_to_contiguous_id, (pred["height"], pred["width"])
+        )
+        if image.shape[:2] != (pred["height"], pred["width"]):
+            logger.warning(
+                "report: %s is %s but the annotations say %dx%d; skipped",
+                pred["file_name"],
+                image.shape[:2],
+                pred["height"],
+                pred["width"],
+            )
+            continue
+        out.append(ReportExample(image, det, list(meta.thing_classes), os.path.basename(pred["file_name"])))
+    return out
+
+
+def evaluate_checkpoint(
+    cfg: Any,
+    weights: str | None,
+    data: str,
+    split: str = "val2017",
+    output: str | None = None,
+    *,
+    max_images: int | None = None,
+    report: bool = True,
+    opts: Sequence[str] | None = None,
+    num_examples: int = 6,
+    use_fast: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Run `weights` over `split` of `data` and compute COCO box/mask AP.
+
+    cfg: a CfgNode, or a config file path (then `opts` "KEY VALUE" overrides apply).
+    weights: our checkpoint or detectron2's (.pkl/.pth), local or s3://; None uses cfg.MODEL.WEIGHTS.
+    data: a COCO-layout root (local or s3://) or an ingest manifest URI.
+    max_images: evaluate only the first N images (by image id) of the split.
+    Under an initialised process group every rank runs its shard; rank 0 evaluates, writes the files
+    (module docstring) under `output` and returns the metrics; other ranks return {}.
+    """
+    from cascade_rcnn.accel import accelerator_from_cfg
+    from cascade_rcnn.config import load_config
+    from cascade_rcnn.data.coco import load_coco_json, read_json
+    from cascade_rcnn.data.loader import build_test_loader
+    from cascade_rcnn.data.splits import resolve_dataset
+
+    if not isinstance(cfg, Mapping):
+        cfg = load_config(cfg, list(opts or []))
+    elif opts:
+        cfg = cfg.clone()
+        cfg.merge_from_list(list(opts))
+    weights = weights or cfg.MODEL.WEIGHTS
+    if not weights:
+        raise ValueError("no weights: pass --weights or set MODEL.WEIGHTS in the config")
+    if max_images is not None and max_images <= 0:
+        raise ValueError(f"max_images must be positive, got {max_images}")
+    rank, world_size = _world()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
+    device = accelerator_from_cfg(cfg, local_rank).device
+
+    annotations_uri, image_root = resolve_dataset(data, split)
+    records, meta = load_coco_json(annotations_uri, image_root, dataset_name=split)
+    if max_images is not None:
+        records = records[:max_images]
+    logger.info("evaluating %s on %d images of %s (%s)", weights, len(records), split, annotations_uri)
+
+    model = load_model(cfg, weights, device)
+    loader = build_test_loader(
+        cfg, records, rank=rank, world_size=world_size, pin_memory=device.type != "cpu"
+    )
+    contiguous_to_dataset = meta.contiguous_id_to_dataset_id
+
+    def to_coco(inp: Mapping[str, Any], det: Any) -> list[dict]:
+        # Encode masks right away: full-resolution bitmasks for a whole split do not fit in memory.
+        return detections_to_coco_json(det.to("cpu"), inp["image_id"], contiguous_to_dataset)
+
+    predictions = inference_on_dataset(model, loader, device=device, postprocess=to_coco)
+    if rank != 0:
+        return {}
+
+    results = [r for pred in predictions for r in pred["instances"]]
+    iou_types = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+    gt = read_json(annotations_uri)
+    metrics = evaluate_coco(
+        gt, results, iou_types=iou_types, use_fast=use_fast, img_ids=[r["image_id"] for r in records]
+    )
+    logger.info("COCO evaluation of %s on %s:\n%s", weights, split, format_table(metrics))
+
+    if output:
+        from cascade_rcnn import storage
+
+        save_json(results, storage.join(output, RESULTS_JSON))
+        save_json(metrics, storage.join(output, METRICS_JSON))
+        if report:
+            details = {
+                "weights": weights,
+                "data": data,
+                "split": split,
+                "images": len(records),
+                "detections": len(results),
+            }
+            storage.put_bytes(
+                markdown_report(metrics, details=details).encode(), storage.join(output, REPORT_MD)
+            )
+            examples = _examples(predictions, meta, num_examples)
+            page = html_report(metrics, examples, details=details)
+            storage.put_bytes(page.encode(), storage.join(output, REPORT_HTML))
+        logger.info(
+            "wrote %s and %s%s under %s",
+            RESULTS_JSON,
+            METRICS_JSON,
+            " and the reports" if report else "",
+            output,
+        )
+    return metrics
