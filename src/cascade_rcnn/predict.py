@@ -1,0 +1,306 @@
+"""`cascade-rcnn predict`: run a model on image files and write detections as JSON.
+
+Owns the inference path outside training: `Predictor` (batched, from Python, for the
+evaluator and notebooks), `predict_files` (files -> JSON-able records) and the CLI `main`.
+Images are read and resized as detectron2's DefaultPredictor does (EXIF orientation, channel
+order cfg.INPUT.FORMAT, ResizeShortestEdge to INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
+
+Output schema (the parity fixture's outputs.json, plus extra fields):
+[{"file_name", "path", "height", "width",
+  "instances": [{"bbox_xyxy": [x0, y0, x1, y1], "score", "category",
+                 "category_id"?, "category_name"?, "segmentation": {"size": [h, w], "counts": str}}]}]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from cascade_rcnn.checkpoint import CheckpointError, load_pretrained
+
+logger = logging.getLogger(__name__)
+
+
+class PredictError(Exception):
+    """Bad input to prediction (missing/unreadable image, bad categories file); names the file."""
+
+
+def _device_for(cfg: Any) -> torch.device:
+    from cascade_rcnn.accel import resolve_device_type
+
+    name = str(cfg.MODEL.DEVICE).strip().lower()
+    dev_type = resolve_device_type(name)
+    if dev_type == "cpu":
+        return torch.device("cpu")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    return torch.device(dev_type, index)
+
+
+def _convert_channels(image: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Reorder a HWC image between BGR and RGB; other formats must already match."""
+    if src == dst:
+        return image
+    if {src, dst} == {"BGR", "RGB"}:
+        return image[:, :, ::-1]
+    raise PredictError(f"cannot convert input images from {src} to the model's INPUT.FORMAT {dst}")
+
+
+class Predictor:
+    """A model in eval mode with detectron2's test-time preprocessing.
+
+    `predictor(images)` takes HWC uint8 arrays (BGR by default) and returns one `Detections`
+    per image, on the CPU, in original-image pixels.
+    """
+
+    def __init__(self, cfg: Any, weights: Optional[str] = None, *, model: Optional[torch.nn.Module] = None):
+        from cascade_rcnn.data.transforms import resize_image, resize_shortest_edge_shape
+        from cascade_rcnn.modeling import build_model
+
+        self.cfg = cfg.clone()
+        self.device = _device_for(self.cfg)
+        self.model = model if model is not None else build_model(self.cfg)
+        self.model.to(self.device).eval()
+        self.weights = self.cfg.MODEL.WEIGHTS if weights is None else weights
+        self.weights_meta: dict = {}
+        if self.weights:
+            loaded, self.load_report = load_pretrained(self.model, self.cfg, self.weights)
+            self.weights_meta = loaded.meta
+        elif model is None:
+            logger.warning(
+                "No weights given (--weights / MODEL.WEIGHTS): predicting with random initialization"
+            )
+        self.input_format = self.cfg.INPUT.FORMAT
+        self.min_size = int(self.cfg.INPUT.MIN_SIZE_TEST)
+        self.max_size = int(self.cfg.INPUT.MAX_SIZE_TEST)
+        self._resize_shape = resize_shortest_edge_shape
+        self._resize = resize_image
+
+    def preprocess(self, image: np.ndarray, input_format: str = "BGR") -> dict:
+        """HWC uint8 image -> the model's input dict (resized CHW uint8 tensor, original size)."""
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+            raise PredictError(
+                f"expected a uint8 numpy image, got {type(image).__name__} {getattr(image, 'dtype', '')}"
+            )
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3:
+            raise PredictError(f"expected an HWC image, got shape {image.shape}")
+        image = _convert_channels(image, input_format, self.input_format)
+        h, w = image.shape[:2]
+        if self.min_size > 0:
+            newh, neww = self._resize_shape(h, w, self.min_size, self.max_size)
+            image = self._resize(np.ascontiguousarray(image), newh, neww)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return {"image": chw.to(self.device), "height": h, "width": w}
+
+    def __call__(self, images: Sequence[np.ndarray], input_format: str = "BGR") -> list:
+        """Detections for a batch of images; the batch runs through the model in one call."""
+        inputs = [self.preprocess(im, input_format) for im in images]
+        with torch.inference_mode():
+            outputs = self.model(inputs)
+        return [d.to("cpu") for d in outputs]
+
+
+def category_mapping(
+    categories_file: Optional[str], meta: dict
+) -> tuple[Optional[list[int]], Optional[list[str]]]:
+    """Dataset category ids and names in contiguous order, from a COCO json or checkpoint meta.
+
+    A COCO file's categories are sorted by id, as detectron2 maps them to 0..K-1. Checkpoint
+    meta may hold "category_ids" and "class_names" (written by our trainer).
+    """
+    if categories_file:
+        try:
+            with open(categories_file) as f:
+                cats = json.load(f)["categories"]
+            cats = sorted(cats, key=lambda c: c["id"])
+            return [int(c["id"]) for c in cats], [str(c.get("name", c["id"])) for c in cats]
+        except FileNotFoundError:
+            raise PredictError(f"categories file not found: {categories_file}") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PredictError(
+                f"{categories_file}: expected COCO json with a 'categories' list of {{'id', 'name'}} ({e!r})"
+            ) from None
+    ids = meta.get("category_ids")
+    names = meta.get("class_names")
+    return (list(ids) if ids else None), (list(names) if names else None)
+
+
+def detections_to_record(
+    file_name: str,
+    det: Any,
+    category_ids: Optional[list[int]] = None,
+    class_names: Optional[list[str]] = None,
+) -> dict:
+    """One image's Detections as a JSON-able dict in the outputs.json schema."""
+    from pycocotools import mask as mask_util
+
+    height, width = (int(s) for s in det.image_size) if det.image_size != (0, 0) else (None, None)
+    masks = det.masks
+    if masks is not None and height is None:
+        height, width = int(masks.shape[1]), int(masks.shape[2])
+    instances = []
+    boxes = det.boxes.tolist()
+    scores = det.scores.tolist()
+    classes = det.classes.tolist()
+    for i in range(len(boxes)):
+        inst: dict[str, Any] = {"bbox_xyxy": boxes[i], "score": scores[i], "category": int(classes[i])}
+        if category_ids is not None and classes[i] < len(category_ids):
+            inst["category_id"] = category_ids[classes[i]]
+        if class_names is not None and classes[i] < len(class_names):
+            inst["category_name"] = class_names[classes[i]]
+        if masks is not None:
+            rle = mask_util.encode(np.asfortranarray(masks[i].numpy().astype(np.uint8)))
+            inst["segmentation"] = {
+                "size": [int(s) for s in rle["size"]],
+                "counts": rle["counts"].decode("ascii"),
+            }
+        instances.append(inst)
+    return {
+        "file_name": os.path.basename(file_name),
+        "path": str(file_name),
+        "height": height,
+        "width": width,
+        "instances": instances,
+    }
+
+
+def _read(path: str, fmt: str) -> np.ndarray:
+    from cascade_rcnn.data.image_io import read_image
+
+    if not os.path.isfile(path):
+        raise PredictError(f"image not found: {path}")
+    try:
+        return read_image(path, format=fmt)
+    except Exception as e:  # PIL raises several types for broken files
+        raise PredictError(f"cannot read image {path}: {e}") from e
+
+
+def predict_files(
+    cfg: Any,
+    weights: Optional[str],
+    paths: Sequence[str],
+    batch_size: int = 1,
+    *,
+    categories_file: Optional[str] = None,
+    predictor: Optional[Predictor] = None,
+) -> list[dict]:
+    """Run the model on image files; one record per path (outputs.json schema), in input order."""
+    paths = [str(p) for p in paths]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise PredictError(f"image not found: {', '.join(missing)}")
+    if batch_size < 1:
+        raise PredictError(f"batch size must be >= 1, got {batch_size}")
+    predictor = predictor or Predictor(cfg, weights)
+    category_ids, class_names = category_mapping(categories_file, predictor.weights_meta)
+    fmt = predictor.input_format
+    records: list[dict] = []
+    start = time.perf_counter()
+    for b in range(0, len(paths), batch_size):
+        batch = paths[b : b + batch_size]
+        images = [_read(p, fmt) for p in batch]
+        for path, image, det in zip(batch, images, predictor(images, input_format=fmt)):
+            if det.image_size == (0, 0):
+                det.image_size = tuple(image.shape[:2])
+            records.append(detections_to_record(path, det, category_ids, class_names))
+        logger.info(
+            "[%d/%d] %s: %d detections (%.2f s/image so far)",
+            len(records),
+            len(paths),
+            os.path.basename(batch[-1]),
+            len(records[-1]["instances"]),
+            (time.perf_counter() - start) / len(records),
+        )
+    return records
+
+
+def write_json(records: list[dict], uri: str) -> None:
+    """Write `records` to a local path (atomically) or an s3:// URI."""
+    data = json.dumps(records).encode()
+    if "://" in uri and not uri.startswith("file://"):
+        from cascade_rcnn import storage
+
+        storage.put_bytes(data, uri)
+        return
+    path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cascade-rcnn predict",
+        description="Run Cascade Mask R-CNN on images and write detections (boxes, scores, classes, RLE masks) as JSON.",
+    )
+    p.add_argument("--config", required=True, help="detectron2-style YAML config")
+    p.add_argument(
+        "--weights", default=None, help="weights file or URI (default: MODEL.WEIGHTS of the config)"
+    )
+    p.add_argument(
+        "--opts",
+        nargs="*",
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides as KEY VALUE pairs (end the list with another option or `--`)",
+    )
+    p.add_argument("--output", required=True, help="output JSON path or s3:// URI")
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="images per model call (default 1, as detectron2)"
+    )
+    p.add_argument(
+        "--categories", default=None, help="COCO json whose 'categories' give dataset ids and names"
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(args.opts) % 2:
+        print(f"cascade-rcnn predict: error: --opts needs KEY VALUE pairs, got {args.opts}", file=sys.stderr)
+        return 2
+    from cascade_rcnn.accel import AcceleratorError
+    from cascade_rcnn.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.opts)
+        if args.weights is not None and not args.weights.strip():
+            raise PredictError("--weights is empty")
+        records = predict_files(
+            cfg, args.weights, args.images, args.batch_size, categories_file=args.categories
+        )
+        write_json(records, args.output)
+    except (PredictError, CheckpointError, ConfigError, AcceleratorError) as e:
+        print(f"cascade-rcnn predict: error: {e}", file=sys.stderr)
+        return 2
+    total = sum(len(r["instances"]) for r in records)
+    logger.info("Wrote %d detections on %d images to %s", total, len(records), args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
