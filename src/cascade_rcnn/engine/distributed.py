@@ -1,0 +1,116 @@
+"""Process-group setup with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
+seeding, and the small collectives the trainer needs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..accel import Accelerator
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job (world_size 1: no process group)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        """Read the variables torchrun / the elastic agent / PyTorchJob set; absent means one process."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if not 0 <= rank < world:
+            raise ValueError(f"environment RANK={rank} is outside WORLD_SIZE={world}")
+        return cls(rank=rank, local_rank=local, world_size=world)
+
+
+def init_process_group(info: DistInfo, accel: Accelerator, timeout_min: int = 30) -> None:
+    """Join the job's process group over env:// (MASTER_ADDR/MASTER_PORT) with the device's backend."""
+    if info.world_size <= 1 or dist.is_initialized():
+        return
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise ValueError(f"WORLD_SIZE={info.world_size} but {key} is not set in the environment")
+    dist.init_process_group(
+        backend=accel.backend,
+        init_method="env://",
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=datetime.timedelta(minutes=timeout_min),
+    )
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shared_seed(seed: int) -> int:
+    """`seed` when >= 0, else a random one drawn on rank 0 and broadcast so all ranks agree."""
+    if seed >= 0:
+        return int(seed)
+    drawn = [int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF]
+    if is_distributed():
+        dist.broadcast_object_list(drawn, src=0)
+    return drawn[0]
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def all_gather_objects(obj) -> list:
+    """`obj` from every rank, in rank order (trusted: our own processes)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def reduce_step_metrics(
+    loss_values: dict[str, torch.Tensor], data_time: float, device: torch.device
+) -> tuple[dict[str, float], float, list[dict[str, float]]]:
+    """Losses averaged and data_time maxed over ranks, plus every rank's raw losses.
+
+    One all_gather of a (num_losses + 1,) tensor; every rank gets the same answer, so all of them
+    can stop together on a non-finite loss instead of leaving the others waiting in a collective.
+    """
+    names = sorted(loss_values)
+    local = torch.stack([loss_values[k].detach().float().reshape(()) for k in names])
+    local = torch.cat([local, torch.tensor([data_time], dtype=torch.float32, device=local.device)]).to(device)
+    if is_distributed():
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        table = torch.stack(gathered).cpu()
+    else:
+        table = local.cpu().unsqueeze(0)
+    per_rank = [dict(zip(names, row[:-1].tolist())) for row in table]
+    mean = table[:, :-1].mean(dim=0).tolist()
+    return dict(zip(names, mean)), float(table[:, -1].max()), per_rank

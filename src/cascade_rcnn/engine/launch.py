@@ -1,0 +1,149 @@
+"""`cascade-rcnn train` and `cascade-rcnn finetune`: parse the command line and start the workers.
+
+Process layout follows torchrun:
+- already inside a torchrun/elastic worker (LOCAL_RANK set), or one process per pod as a PyTorchJob
+  without nprocPerNode starts it (RANK and WORLD_SIZE set): run this process's share in place;
+- --nproc-per-node N > 1, or PET_NNODES > 1: start N workers per node through torch's elastic agent
+  (`torch.distributed.launcher.api.elastic_launch`), nodes meeting at MASTER_ADDR:MASTER_PORT with
+  this node's rank from PET_NODE_RANK (as PyTorchJob sets them);
+- otherwise: one process, no process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import uuid
+
+from .run import TrainJob, run_worker, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    finetune = command == "finetune"
+    p = argparse.ArgumentParser(
+        prog=f"cascade-rcnn {command}",
+        description=(
+            "Fine-tune from a checkpoint's weights with a fresh schedule."
+            if finetune
+            else "Train Cascade Mask R-CNN; resumes from the output's last checkpoint."
+        ),
+    )
+    p.add_argument("--config", required=True, help="detectron2-style YAML config")
+    if finetune:
+        p.add_argument("--weights", required=True, help="checkpoint to start from (ours or detectron2's)")
+    p.add_argument(
+        "--data", required=True, help="COCO-layout root (local or s3://) or an ingest manifest URI"
+    )
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix (checkpoints, metrics)")
+    p.add_argument(
+        "--nproc-per-node", type=int, default=None, help="worker processes on this node (one per device)"
+    )
+    p.add_argument("--train-split", default=None, help="split to train on (default: from DATASETS.TRAIN)")
+    p.add_argument("--val-split", default=None, help="split for --eval-after (default: DATASETS.TEST[0])")
+    p.add_argument("--eval-after", action="store_true", help="evaluate model_final on the validation split")
+    p.add_argument("--keep-checkpoints", type=int, default=0, help="periodic checkpoints to keep (0: all)")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    return p
+
+
+def job_from_args(command: str, args: argparse.Namespace) -> TrainJob:
+    if len(args.opts) % 2:
+        raise SystemExit(f"cascade-rcnn {command}: --opts needs KEY VALUE pairs, got {args.opts}")
+    return TrainJob(
+        config=args.config,
+        data=args.data,
+        output=args.output,
+        opts=list(args.opts),
+        train_split=args.train_split,
+        val_split=args.val_split,
+        init_weights=getattr(args, "weights", None),
+        finetune=command == "finetune",
+        eval_after=args.eval_after,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"environment {name}={raw!r} is not an integer") from None
+
+
+def launch_elastic(job: TrainJob, nproc_per_node: int) -> str | None:
+    """N workers on this node (and PET_NNODES nodes in all), as torchrun's static rendezvous does."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nnodes = _env_int("PET_NNODES", 1)
+    node_rank = _env_int("PET_NODE_RANK", _env_int("NODE_RANK", 0))
+    if nnodes > 1 and "MASTER_ADDR" not in os.environ:
+        raise SystemExit(
+            f"PET_NNODES={nnodes} but MASTER_ADDR is not set: every node must know the master's address"
+        )
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = _env_int("MASTER_PORT", 0) or _free_port()
+    # The agent sets RANK/WORLD_SIZE/LOCAL_RANK for each worker; a pod's own values would mislead them.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(key, None)
+    config = LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
+        nproc_per_node=nproc_per_node,
+        run_id=os.environ.get("PET_RUN_ID", os.environ.get("TORCHELASTIC_RUN_ID", uuid.uuid4().hex[:12])),
+        rdzv_backend="static",
+        rdzv_endpoint=f"{addr}:{port}",
+        rdzv_configs={"rank": node_rank},
+        max_restarts=0,
+        start_method="spawn",
+    )
+    log.info(
+        "starting %d workers on node %d of %d (master %s:%d)", nproc_per_node, node_rank, nnodes, addr, port
+    )
+    results = elastic_launch(config, run_worker)(job)
+    return results.get(0) if isinstance(results, dict) else None
+
+
+def run(command: str, argv: list[str]) -> int:
+    args = build_parser(command).parse_args(argv)
+    job = job_from_args(command, args)
+    setup_logging()
+    nproc = args.nproc_per_node or _env_int("PET_NPROC_PER_NODE", 1)
+    if nproc < 1:
+        raise SystemExit(f"--nproc-per-node must be at least 1, got {nproc}")
+    if "LOCAL_RANK" not in os.environ and (nproc > 1 or _env_int("PET_NNODES", 1) > 1):
+        final = launch_elastic(job, nproc)
+    else:
+        # A torchrun worker, one process of a per-pod PyTorchJob (RANK/WORLD_SIZE), or a lone process.
+        final = run_worker(job)
+    if final:
+        print(f"final checkpoint: {final}")
+    return 0
+
+
+def main_for(command: str, argv: list[str]) -> int:
+    """Dispatch from the `cascade-rcnn` CLI: command is "train" or "finetune"."""
+    if command not in ("train", "finetune"):
+        raise ValueError(f"cascade_rcnn.engine.launch handles train and finetune, not {command!r}")
+    return run(command, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("train", list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

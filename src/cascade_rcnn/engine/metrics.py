@@ -1,0 +1,192 @@
+"""Training metrics: windowed medians, the periodic log line, `metrics.jsonl` and TensorBoard events.
+
+Only rank 0 writes. For an s3:// output, `metrics.jsonl` and the event files are kept in a local
+staging folder and copied to the output when a checkpoint is written (`sync`), so they never run
+ahead of the state a resumed run starts from.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import storage
+
+log = logging.getLogger(__name__)
+
+LOG_PERIOD = 20  # iterations between log lines, as detectron2's PeriodicWriter
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+@dataclass
+class IterationRecord:
+    """What one iteration reports, already reduced over ranks (losses averaged, data_time maxed)."""
+
+    iteration: int
+    losses: dict[str, float]
+    lr: float
+    iter_time: float
+    data_time: float
+
+
+@dataclass
+class MetricWindows:
+    """Sliding windows: losses and data_time over `window` iterations, iteration times over `eta_window`."""
+
+    window: int = LOG_PERIOD
+    eta_window: int = 1000
+    losses: dict[str, deque] = field(default_factory=dict)
+    data_times: deque = field(default_factory=deque)
+    iter_times: deque = field(default_factory=deque)
+
+    def add(self, rec: IterationRecord) -> None:
+        for name, value in rec.losses.items():
+            self.losses.setdefault(name, deque(maxlen=self.window)).append(value)
+        _push(self.data_times, rec.data_time, self.window)
+        _push(self.iter_times, rec.iter_time, self.eta_window)
+
+    def summary(self, rec: IterationRecord, max_iter: int, global_batch: int, max_mem_mb: float) -> dict:
+        """The values a log line shows, as a JSON-able dict."""
+        losses = {k: statistics.median(v) for k, v in self.losses.items()}
+        recent = list(self.iter_times)[-self.window :]
+        iter_time = statistics.median(recent) if recent else float("nan")
+        eta = statistics.median(self.iter_times) * (max_iter - rec.iteration - 1) if self.iter_times else 0.0
+        return {
+            "iteration": rec.iteration,
+            "total_loss": sum(losses.values()),
+            **losses,
+            "lr": rec.lr,
+            "time": iter_time,
+            "img_per_s": global_batch / iter_time if iter_time > 0 else float("nan"),
+            "data_time": statistics.median(self.data_times) if self.data_times else 0.0,
+            "eta_seconds": eta,
+            "max_mem_mb": max_mem_mb,
+        }
+
+
+def _push(d: deque, value: float, maxlen: int) -> None:
+    d.append(value)
+    while len(d) > maxlen:
+        d.popleft()
+
+
+def format_line(s: dict) -> str:
+    """One log line: eta, iter, total_loss, each loss, lr, img/s, time, data_time, max_mem."""
+    eta = str(datetime.timedelta(seconds=int(s["eta_seconds"])))
+    losses = "  ".join(
+        f"{k}: {v:.4g}" for k, v in s.items() if k.startswith("loss") and k not in ("total_loss",)
+    )
+    return (
+        f"eta: {eta}  iter: {s['iteration']}  total_loss: {s['total_loss']:.4g}  {losses}  "
+        f"lr: {s['lr']:.6g}  img/s: {s['img_per_s']:.2f}  time: {s['time']:.4f}  "
+        f"data_time: {s['data_time']:.4f}  max_mem: {s['max_mem_mb']:.0f}M"
+    )
+
+
+class MetricsWriter:
+    """Writes the periodic summaries of rank 0 to the log, `metrics.jsonl` and TensorBoard."""
+
+    def __init__(
+        self, output_uri: str, staging_dir: str | os.PathLike, start_iter: int, enabled: bool = True
+    ):
+        self.output_uri = output_uri
+        self.enabled = enabled
+        self.remote = output_uri.startswith("s3://")
+        self.local_dir = Path(staging_dir) if self.remote else Path(storage_local_path(output_uri))
+        self.jsonl_path = self.local_dir / METRICS_FILE
+        self._tb = None
+        self._tb_warned = False
+        if enabled:
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            self._restore(start_iter)
+
+    def _restore(self, start_iter: int) -> None:
+        """Bring back the history of earlier runs, minus entries past the iteration we resume from.
+
+        A run killed between checkpoints logged iterations that will be trained again.
+        """
+        lines: list[str] = []
+        if self.remote:
+            uri = storage.join(self.output_uri, METRICS_FILE)
+            if storage.exists(uri):
+                lines = storage.get_bytes(uri).decode().splitlines()
+        elif self.jsonl_path.exists():
+            lines = self.jsonl_path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("iteration", -1) < start_iter:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        self.jsonl_path.write_text("".join(x + "\n" for x in kept))
+
+    def write(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        log.info(format_line(summary))
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(summary) + "\n")
+        tb = self._tensorboard()
+        if tb is not None:
+            it = summary["iteration"]
+            for key, value in summary.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    tb.add_scalar(key, value, it)
+            tb.flush()
+
+    def _tensorboard(self):
+        if self._tb is None and not self._tb_warned:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb_warned = True
+                log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+                return None
+            self._tb = SummaryWriter(log_dir=str(self.local_dir / TENSORBOARD_DIR))
+        return self._tb
+
+    def sync(self) -> None:
+        """Copy metrics.jsonl and the event files to an s3:// output (no-op for a local output)."""
+        if not (self.enabled and self.remote):
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        storage.put_file(str(self.jsonl_path), storage.join(self.output_uri, METRICS_FILE))
+        tb_dir = self.local_dir / TENSORBOARD_DIR
+        if tb_dir.is_dir():
+            for path in sorted(tb_dir.rglob("*")):
+                if path.is_file():
+                    rel = path.relative_to(self.local_dir).as_posix()
+                    storage.put_file(str(path), storage.join(self.output_uri, rel))
+
+    def close(self) -> None:
+        self.sync()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def storage_local_path(uri: str) -> str:
+    """A local path or file:// URI as a filesystem path."""
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+class Stopwatch:
+    """Monotonic seconds since the last `lap()`."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt

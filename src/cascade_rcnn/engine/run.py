@@ -1,0 +1,281 @@
+"""One process of a training run: build everything from the config, resume from the output's last
+checkpoint if there is one, train, and leave `model_final.pth` under the output."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .. import storage
+from ..accel import Accelerator, accelerator_from_cfg
+from .checkpointer import FINAL, Checkpointer, restore_rng
+from .distributed import DistInfo, destroy_process_group, init_process_group, seed_all, shared_seed
+from .metrics import MetricsWriter
+from .solver import build_grad_clipper, build_lr_scheduler, build_optimizer
+from .trainer import Trainer, training_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainJob:
+    """What a worker needs to build its run; plain values so it can be handed to spawned processes.
+
+    init_weights: weights to start from when the output has no checkpoint (finetune's --weights,
+    else MODEL.WEIGHTS). finetune: class-specific layers are dropped when NUM_CLASSES differs.
+    """
+
+    config: str
+    data: str
+    output: str
+    opts: list[str] = field(default_factory=list)
+    train_split: str | None = None
+    val_split: str | None = None
+    init_weights: str | None = None
+    finetune: bool = False
+    eval_after: bool = False
+    keep_checkpoints: int = 0
+
+
+def batch_per_device(ims_per_batch: int, world_size: int) -> int:
+    if ims_per_batch <= 0 or ims_per_batch % world_size:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH={ims_per_batch} must be a positive multiple of the world size {world_size} "
+            "(it is the total batch over all processes)"
+        )
+    return ims_per_batch // world_size
+
+
+def train_splits(cfg, job: TrainJob) -> list[str]:
+    if job.train_split:
+        return [job.train_split]
+    names = list(cfg.DATASETS.TRAIN)
+    if not names:
+        raise ValueError("no training split: set DATASETS.TRAIN in the config or pass --train-split")
+    return names
+
+
+def load_train_records(cfg, job: TrainJob):
+    """Records of every training split (concatenated) and the category metadata they share."""
+    from ..data.splits import load_split
+
+    records, meta = [], None
+    for name in train_splits(cfg, job):
+        recs, m = load_split(job.data, name)
+        if meta is not None and m.thing_classes != meta.thing_classes:
+            raise ValueError(
+                f"{job.data}: split {name!r} has classes {m.thing_classes}, others {meta.thing_classes}"
+            )
+        records += recs
+        meta = m
+    if meta.num_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise ValueError(
+            f"MODEL.ROI_HEADS.NUM_CLASSES={cfg.MODEL.ROI_HEADS.NUM_CLASSES} but {job.data} "
+            f"({', '.join(train_splits(cfg, job))}) has {meta.num_classes} categories: {meta.thing_classes}"
+        )
+    return records, meta
+
+
+def initialize_weights(model: nn.Module, cfg, job: TrainJob) -> dict:
+    """Load the starting weights (no checkpoint yet); returns a summary for the checkpoint meta."""
+    from ..checkpoint import CLASS_SPECIFIC_PATTERNS, load_pretrained, load_weights
+
+    uri = job.init_weights or cfg.MODEL.WEIGHTS
+    if not uri:
+        log.info("no initial weights: training from the model's own initialization")
+        return {}
+    drop = False
+    if job.finetune:
+        weights = load_weights(uri)
+        theirs = _num_classes_of(weights)
+        ours = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        drop = theirs is not None and theirs != ours
+        if drop:
+            log.info(
+                "%s has %d classes, the config %d: re-initializing the class-specific layers (%s), loading the rest",
+                uri,
+                theirs,
+                ours,
+                ", ".join(_matching_keys(model, CLASS_SPECIFIC_PATTERNS)),
+            )
+    _, report = load_pretrained(model, cfg, uri, drop_classes=drop)
+    return {
+        "init_weights": uri,
+        "reinitialized": sorted(report.missing) if drop else [],
+        "loaded": len(report.loaded),
+    }
+
+
+def _num_classes_of(weights) -> int | None:
+    for name, tensor in weights.items():
+        if name.endswith("cls_score.weight"):
+            return int(tensor.shape[0]) - 1  # + background
+    return None
+
+
+def _matching_keys(model: nn.Module, patterns) -> list[str]:
+    import re
+
+    return [k for k in model.state_dict() if any(re.search(p, k) for p in patterns)]
+
+
+def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
+    """Train with this process's share of the batch; returns the final checkpoint URI on rank 0."""
+    from ..data.loader import build_train_loader
+    from ..modeling import build_model
+
+    per_device = batch_per_device(int(cfg.SOLVER.IMS_PER_BATCH), info.world_size)
+    ckpt = Checkpointer(job.output, is_writer=info.is_main, keep_last=job.keep_checkpoints)
+    resume_uri = ckpt.last_checkpoint()
+    state = ckpt.load(resume_uri) if resume_uri else None
+    trainer_state = state["trainer"] if state else None
+
+    seed = int(trainer_state["seed"]) if trainer_state else shared_seed(int(cfg.SEED))
+    seed_all(seed + info.rank)
+    log.info(
+        "seed %d (rank %d uses %d)%s",
+        seed,
+        info.rank,
+        seed + info.rank,
+        " [from checkpoint]" if state else "",
+    )
+
+    model = build_model(cfg).to(accel.device)
+    init_summary: dict = {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        init_summary = dict(state["meta"].get("init", {}))
+    else:
+        init_summary = initialize_weights(model, cfg, job)
+
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    scaler = accel.grad_scaler()
+    start_iter = 0
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        scaler.load_state_dict(trainer_state["scaler"])
+        start_iter = int(trainer_state["iteration"]) + 1
+        log.info("resuming from %s: iteration %d", resume_uri, start_iter)
+
+    if info.world_size > 1:
+        device_ids = None if accel.type == "cpu" else [accel.index]
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+    records, data_meta = load_train_records(cfg, job)
+    loader = build_train_loader(
+        cfg,
+        records,
+        batch_per_device=per_device,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=seed,
+        num_workers=int(cfg.DATALOADER.NUM_WORKERS),
+        start_iter=start_iter,
+        pin_memory=accel.type != "cpu",
+    )
+    if trainer_state is not None:
+        check_data_state(loader, trainer_state.get("data", {}))
+    data_iter = iter(loader)
+    # RNG states are restored after the loader started, so the model's random sampling continues
+    # exactly where the checkpointed run left it, whatever building the loader drew.
+    if trainer_state is not None:
+        rng = trainer_state["rng"]
+        if len(rng) == info.world_size:
+            accel.set_rng_state(restore_rng(rng[info.rank]))
+        else:
+            log.warning(
+                "checkpoint was written by %d processes, this run has %d: RNG states not restored",
+                len(rng),
+                info.world_size,
+            )
+
+    staging = tempfile.mkdtemp(prefix="cascade-rcnn-metrics-")
+    metrics = MetricsWriter(job.output, staging, start_iter, enabled=info.is_main)
+    meta = {
+        "config": cfg.dump(),
+        "num_classes": int(cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+        "thing_classes": list(data_meta.thing_classes),
+        "dataset": data_meta.to_dict(),
+        "seed": seed,
+        "init": init_summary,
+        "world_size": info.world_size,
+    }
+
+    trainer = Trainer(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data=data_iter,
+        accel=accel,
+        max_iter=int(cfg.SOLVER.MAX_ITER),
+        global_batch=int(cfg.SOLVER.IMS_PER_BATCH),
+        scaler=scaler,
+        clip_grads=build_grad_clipper(cfg),
+        checkpointer=ckpt,
+        checkpoint_period=int(cfg.SOLVER.CHECKPOINT_PERIOD),
+        metrics=metrics,
+    )
+    trainer.make_state = lambda it: training_state(
+        trainer, it, meta, loader.state_dict(), seed, info.world_size
+    )
+    if start_iter >= trainer.max_iter and resume_uri and resume_uri.endswith("/" + FINAL):
+        log.info(
+            "%s already holds the final checkpoint of %d iterations; nothing to train",
+            job.output,
+            trainer.max_iter,
+        )
+        metrics.close()
+    else:
+        trainer.train(start_iter)
+    return ckpt.uri(FINAL) if info.is_main else None
+
+
+def check_data_state(loader, saved: dict) -> None:
+    """Make sure the resumed loader continues the interrupted run's batch stream (warn if it cannot)."""
+    if not saved:
+        return
+    try:
+        loader.load_state_dict(saved)
+    except ValueError as e:
+        log.warning("the data order after resuming differs from the interrupted run: %s", e)
+
+
+def run_worker(job: TrainJob) -> str | None:
+    """Entry point of every process (in-process, spawned by elastic_launch, or started by torchrun)."""
+    from ..config import load_config
+
+    setup_logging()
+    info = DistInfo.from_env()
+    cfg = load_config(job.config, job.opts)
+    accel = accelerator_from_cfg(cfg, info.local_rank)
+    accel.set_device()
+    init_process_group(info, accel)
+    try:
+        final = train(cfg, job, accel, info)
+    finally:
+        destroy_process_group()
+    if final and job.eval_after:
+        evaluate_after(cfg, job, final)
+    return final
+
+
+def evaluate_after(cfg, job: TrainJob, weights: str) -> None:
+    from ..evaluation import evaluate_checkpoint
+
+    split = job.val_split or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+    if not split:
+        log.warning("--eval-after: no validation split (DATASETS.TEST or --val-split); skipping evaluation")
+        return
+    evaluate_checkpoint(cfg, weights, job.data, split, storage.join(job.output, "eval"))
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    level = logging.INFO if rank == "0" else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s r{rank} %(name)s] %(message)s", datefmt="%H:%M:%S")

@@ -1,0 +1,155 @@
+"""The iteration loop: next(data) -> losses -> backward (scaled under AMP) -> optimizer and LR step,
+with periodic metrics and checkpoints, as detectron2's SimpleTrainer/AMPTrainer with its default hooks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..accel import Accelerator
+from .checkpointer import Checkpointer, capture_rng, periodic_name
+from .distributed import all_gather_objects, reduce_step_metrics
+from .metrics import LOG_PERIOD, IterationRecord, MetricsWriter, MetricWindows
+
+log = logging.getLogger(__name__)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def main_lr_group(optimizer: torch.optim.Optimizer) -> int:
+    """Index of the param group with the most parameters, whose LR is the one logged (as detectron2)."""
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    return sizes.index(max(sizes))
+
+
+@dataclass
+class Trainer:
+    """Runs iterations [start_iter, max_iter) of one process.
+
+    model(batch) returns a dict of scalar losses; their plain sum is minimised.
+    make_state(iteration) -> dict builds the checkpoint payload (called on every rank, saved by rank 0).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: Iterator
+    accel: Accelerator
+    max_iter: int
+    global_batch: int
+    scaler: torch.amp.GradScaler | None = None
+    clip_grads: Callable[[torch.optim.Optimizer], None] | None = None
+    checkpointer: Checkpointer | None = None
+    checkpoint_period: int = 0
+    make_state: Callable[[int], dict] | None = None
+    metrics: MetricsWriter | None = None
+    log_period: int = LOG_PERIOD
+    windows: MetricWindows = field(default_factory=MetricWindows)
+
+    def __post_init__(self) -> None:
+        if self.scaler is None:
+            self.scaler = self.accel.grad_scaler()
+        self._lr_group = main_lr_group(self.optimizer)
+
+    def run_step(self, iteration: int) -> IterationRecord:
+        """One iteration; raises FloatingPointError (on every rank) if any rank's loss is not finite."""
+        start = time.perf_counter()
+        batch = next(self.data)
+        data_time = time.perf_counter() - start
+
+        with self.accel.autocast():
+            loss_dict = self.model(batch)
+        losses = sum(loss_dict.values())
+
+        mean_losses, max_data_time, per_rank = reduce_step_metrics(loss_dict, data_time, self.accel.device)
+        bad = [
+            f"rank {r}: " + ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if not math.isfinite(v))
+            for r, d in enumerate(per_rank)
+            if not all(math.isfinite(v) for v in d.values())
+        ]
+        if bad:
+            raise FloatingPointError(
+                f"loss became infinite or NaN at iteration {iteration}: "
+                + "; ".join(bad)
+                + f" (all losses: {per_rank})"
+            )
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses).backward()
+        if self.clip_grads is not None:
+            self.scaler.unscale_(self.optimizer)
+            self.clip_grads(self.optimizer)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[self._lr_group]["lr"]
+        self.scheduler.step()
+        return IterationRecord(iteration, mean_losses, lr, time.perf_counter() - start, max_data_time)
+
+    def train(self, start_iter: int) -> None:
+        """Iterations start_iter .. max_iter-1, then the final checkpoint."""
+        log.info("starting training at iteration %d of %d", start_iter, self.max_iter)
+        self.model.train()
+        for it in range(start_iter, self.max_iter):
+            rec = self.run_step(it)
+            self.windows.add(rec)
+            last = it == self.max_iter - 1
+            if self.metrics is not None and ((it + 1) % self.log_period == 0 or last):
+                summary = self.windows.summary(
+                    rec, self.max_iter, self.global_batch, self.accel.max_memory_allocated_mb()
+                )
+                self.metrics.write(summary)
+            if not last and self.checkpoint_period > 0 and (it + 1) % self.checkpoint_period == 0:
+                self.save(periodic_name(it), it)
+        self.save_final()
+
+    def save(self, name: str, iteration: int) -> None:
+        if self.checkpointer is None or self.make_state is None:
+            return
+        # RNG states come from every rank, so the state is built collectively; rank 0 writes.
+        payload = self.make_state(iteration)
+        if self.metrics is not None:
+            self.metrics.sync()  # metrics up to this iteration land with the checkpoint
+        self.checkpointer.save(name, payload)
+
+    def save_final(self) -> None:
+        from .checkpointer import FINAL
+
+        self.save(FINAL, self.max_iter - 1)
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def training_state(
+    trainer: Trainer,
+    iteration: int,
+    meta: dict,
+    data_state: dict,
+    seed: int,
+    world_size: int,
+) -> dict:
+    """The checkpoint payload after `iteration` completed; plain types and tensors only."""
+    rng = all_gather_objects(capture_rng(trainer.accel.rng_state()))
+    model_state = {k: v.detach().cpu() for k, v in unwrap(trainer.model).state_dict().items()}
+    return {
+        "model": model_state,
+        "meta": {**meta, "iteration": iteration},
+        "trainer": {
+            "iteration": iteration,
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict(),
+            "rng": rng,
+            "data": data_state,
+            "seed": seed,
+            "world_size": world_size,
+        },
+    }
