@@ -1,0 +1,7 @@
+"""The error type every ingest step raises, so callers catch one class."""
+
+from __future__ import annotations
+
+
+class IngestError(RuntimeError):
+    """A data set could not be fetched, unpacked, validated or stored; the message names the file."""

@@ -1,0 +1,100 @@
+"""The data set manifest: the one small file that describes an ingested data set.
+
+Layout under `<root>/datasets/<name>/`:
+    annotations/instances_<split>.json
+    <split>/<file_name>
+    manifest.json   (written last: a data set without it is incomplete)
+
+Manifest shape (read by cascade_rcnn.data's resolve_dataset through splits.<split>.annotations/images):
+    {"name", "version": 1, "root", "source": {"kind", "uri", "fingerprint", "splits", "max_images"},
+     "splits": {split: {"annotations": uri, "images": uri prefix, "num_images", "num_annotations",
+                        "num_categories"}},
+     "files": [{"path": relative path, "size", "sha256"}], "created": ISO-8601 UTC time}
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from cascade_rcnn import storage
+from cascade_rcnn.ingest.download import file_digests
+from cascade_rcnn.ingest.progress import ProgressLog
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def dataset_root(root: str, name: str) -> str:
+    """`<root>/datasets/<name>`, with a local root made absolute so the URIs stay valid elsewhere."""
+    if "://" not in root:
+        root = str(Path(root).resolve())
+    return storage.join(root, "datasets", name)
+
+
+def split_entry(ds_root: str, split: str, counts: dict[str, int]) -> dict:
+    return {
+        "annotations": storage.join(ds_root, "annotations", f"instances_{split}.json"),
+        "images": storage.join(ds_root, split),
+        "num_images": counts["num_images"],
+        "num_annotations": counts["num_annotations"],
+        "num_categories": counts["num_categories"],
+    }
+
+
+def hash_tree(local_dir: str | os.PathLike, workers: int = 8) -> list[dict]:
+    """[{"path", "size", "sha256"}] for every file under `local_dir`, sorted by path."""
+    base = Path(local_dir)
+    paths = sorted(p for p in base.rglob("*") if p.is_file())
+    progress = ProgressLog(f"sha256 of {base.name}", len(paths), unit="files")
+
+    def one(path: Path) -> dict:
+        return {
+            "path": path.relative_to(base).as_posix(),
+            "size": path.stat().st_size,
+            "sha256": file_digests(path)["sha256"],
+        }
+
+    entries = []
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        for entry in pool.map(one, paths):
+            entries.append(entry)
+            progress.update(1)
+    progress.finish()
+    return entries
+
+
+def build_manifest(*, name: str, ds_root: str, source: dict, splits: dict, files: list[dict]) -> dict:
+    return {
+        "name": name,
+        "version": MANIFEST_VERSION,
+        "root": ds_root,
+        "source": source,
+        "splits": splits,
+        "files": files,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def read_manifest(uri: str) -> dict | None:
+    """The manifest at `uri`, or None when there is none (or it is unreadable, which is logged)."""
+    try:
+        data = storage.get_bytes(uri)
+    except storage.NotFound:
+        return None
+    try:
+        manifest = json.loads(data)
+    except ValueError as e:
+        logger.warning("%s: unreadable manifest (%s); treating the data set as absent", uri, e)
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def write_manifest(manifest: dict, uri: str) -> None:
+    storage.put_bytes(json.dumps(manifest, indent=1).encode(), uri)
