@@ -1,0 +1,90 @@
+"""Multi-level RoIAlign (detectron2's ROIPooler with ROIAlignV2 / ROIAlign) on torchvision's roi_align."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+POOLER_TYPES = {"ROIAlignV2": True, "ROIAlign": False}  # name -> aligned (half-pixel offset)
+
+
+def assign_boxes_to_levels(
+    boxes: Tensor, min_level: int, max_level: int, canonical_box_size: float = 224.0, canonical_level: int = 4
+) -> Tensor:
+    """(R, 4) boxes -> (R,) int64 index into [min_level, max_level] (0 = min_level).
+
+    lvl = floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8)), the eps inside the log.
+    """
+    box_sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    levels = torch.floor(canonical_level + torch.log2(box_sizes / canonical_box_size + 1e-8))
+    levels = torch.clamp(levels, min=min_level, max=max_level)
+    return levels.to(torch.int64) - min_level
+
+
+def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
+    """Per-image (R_i, 4) boxes -> (sum R_i, 5) rows (batch index, x0, y0, x1, y1)."""
+    cat = torch.cat(boxes, dim=0)
+    sizes = torch.tensor([len(b) for b in boxes], device=cat.device)
+    indices = torch.repeat_interleave(torch.arange(len(boxes), dtype=cat.dtype, device=cat.device), sizes)
+    return torch.cat([indices[:, None], cat], dim=1)
+
+
+class ROIPooler(nn.Module):
+    """Pools each box from the FPN level its size selects; output rows keep the input box order."""
+
+    def __init__(
+        self,
+        output_size: int,
+        scales: tuple[float, ...],
+        sampling_ratio: int = 0,
+        pooler_type: str = "ROIAlignV2",
+        canonical_box_size: float = 224.0,
+        canonical_level: int = 4,
+    ):
+        super().__init__()
+        if pooler_type not in POOLER_TYPES:
+            raise ValueError(
+                f"POOLER_TYPE {pooler_type!r} is not supported; expected one of {list(POOLER_TYPES)}"
+            )
+        self.output_size = (int(output_size), int(output_size))
+        self.scales = tuple(float(s) for s in scales)
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = POOLER_TYPES[pooler_type]
+        min_level = -math.log2(self.scales[0])
+        max_level = -math.log2(self.scales[-1])
+        if not (math.isclose(min_level, round(min_level)) and math.isclose(max_level, round(max_level))):
+            raise ValueError(f"pooler scales {scales} must be powers of 1/2")
+        self.min_level = int(round(min_level))
+        self.max_level = int(round(max_level))
+        if len(self.scales) != self.max_level - self.min_level + 1:
+            raise ValueError(f"pooler scales {scales} must be consecutive powers of 1/2")
+        self.canonical_box_size = canonical_box_size
+        self.canonical_level = canonical_level
+
+    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        """features: per level (N, C, H_l, W_l); boxes: per image (R_i, 4) -> (sum R_i, C, S, S)."""
+        if len(boxes) != features[0].shape[0]:
+            raise ValueError(
+                f"pooler got boxes for {len(boxes)} images and features for {features[0].shape[0]}"
+            )
+        rois = boxes_to_rois(boxes).to(features[0].dtype)
+        if len(self.scales) == 1:
+            return roi_align(
+                features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned
+            )
+        levels = assign_boxes_to_levels(
+            rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+        )
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        for level, (feat, scale) in enumerate(zip(features, self.scales)):
+            inds = torch.nonzero(levels == level, as_tuple=True)[0]
+            if inds.numel() == 0:
+                continue
+            out.index_put_(
+                (inds,),
+                roi_align(feat, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned),
+            )
+        return out
