@@ -119,9 +119,8 @@ def test_scheduler_config_errors_name_keys():
     with pytest.raises(SolverError, match="SOLVER.LR_SCHEDULER_NAME"):
         build_lr_scheduler(cfg, opt)
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
-    cfg.SOLVER.STEPS = (100,)
-    cfg.SOLVER.MAX_ITER = 50
-    with pytest.raises(SolverError, match="SOLVER.STEPS"):
+    cfg.SOLVER.WARMUP_METHOD = "exponential"
+    with pytest.raises(SolverError, match="SOLVER.WARMUP_METHOD"):
         build_lr_scheduler(cfg, opt)
 
 

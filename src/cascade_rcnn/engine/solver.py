@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import bisect
+import logging
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # Norm layers whose affine parameters get SOLVER.WEIGHT_DECAY_NORM (detectron2's list).
 _NORM_TYPES = (
@@ -157,7 +160,10 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> WarmupMultiStep
         )
     steps = [int(x) for x in s.STEPS]
     if any(x > int(s.MAX_ITER) for x in steps):
-        raise SolverError(f"SOLVER.STEPS {tuple(steps)} has a step beyond SOLVER.MAX_ITER {s.MAX_ITER}")
+        # detectron2 warns and ignores them; a short run of a long recipe is common.
+        log.warning(
+            "SOLVER.STEPS %s has steps beyond SOLVER.MAX_ITER %s; they never apply", tuple(steps), s.MAX_ITER
+        )
     return WarmupMultiStepLR(
         optimizer,
         steps=steps,
