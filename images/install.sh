@@ -51,7 +51,8 @@ index_args=()
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
     index_args=(--index-url "$TORCH_INDEX_URL")
 fi
-echo "install.sh: torch $TORCH_VERSION, torchvision $TORCHVISION_VERSION from ${TORCH_INDEX_URL:-pip's configured index}"
+source_name=${TORCH_INDEX_URL:-the index pip is configured with}
+echo "install.sh: torch $TORCH_VERSION, torchvision $TORCHVISION_VERSION from $source_name"
 "${pip[@]}" install "${index_args[@]}" -c "$constraints" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 
 if [ -n "${EXTRA_PACKAGES:-}" ]; then
