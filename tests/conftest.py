@@ -1,0 +1,67 @@
+"""Shared fixtures: repository paths and a real S3 server (SeaweedFS on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cascade_rcnn.local_s3 import SeaweedServer, start_seaweedfs
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_dir(repo_root: Path) -> Path:
+    """Read-only shared material (reference facts, fixtures) next to the repository."""
+    return repo_root.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> SeaweedServer:
+    """One SeaweedFS for the whole session; stopped and its data removed at the end."""
+    with start_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+def raw_client(server: SeaweedServer):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+
+
+@pytest.fixture
+def s3_client(s3_server: SeaweedServer):
+    """A plain boto3 client for the session's server, for work behind the storage API's back."""
+    return raw_client(s3_server)
+
+
+def point_env_at(server: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def s3_env(s3_server: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Env pointing at the session's S3 server; yields the name of a fresh, existing bucket."""
+    # No user AWS config may leak in (profile, region, another endpoint).
+    point_env_at(s3_server, monkeypatch)
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    raw_client(s3_server).create_bucket(Bucket=bucket)
+    yield bucket
