@@ -20,6 +20,7 @@ class Request:
     range: str | None  # the Range header as sent, None when absent
     status: int
     bytes_sent: int
+    if_range: str | None = None
 
 
 class RangeServer:
@@ -76,7 +77,9 @@ class RangeServer:
 
     def _record(self, h: BaseHTTPRequestHandler, status: int, sent: int) -> None:
         with self._lock:
-            self.requests.append(Request(h.command, h.path, h.headers.get("Range"), status, sent))
+            self.requests.append(
+                Request(h.command, h.path, h.headers.get("Range"), status, sent, h.headers.get("If-Range"))
+            )
 
     def _serve(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         path = h.path.split("?", 1)[0]
@@ -92,8 +95,10 @@ class RangeServer:
             h.send_error(404)
             return
         start, end, status = 0, len(data) - 1, 200
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
         range_header = h.headers.get("Range")
-        if range_header:
+        if_range = h.headers.get("If-Range")
+        if range_header and (if_range is None or if_range == etag):
             match = _RANGE.match(range_header.strip())
             if match:
                 start = int(match.group(1))
@@ -116,7 +121,7 @@ class RangeServer:
         h.send_response(status)
         h.send_header("Content-Length", str(len(chunk)))
         h.send_header("Accept-Ranges", "bytes")
-        h.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
+        h.send_header("ETag", etag)
         if status == 206:
             h.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         h.end_headers()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import stat
@@ -159,7 +160,7 @@ def _check_stored_dataset(manifest_uri: str, expected: dict[str, dict], source_d
     for f in manifest["files"]:
         blob = storage.get_bytes(storage.join(manifest["root"], f["path"]))
         assert len(blob) == f["size"]
-        assert f["sha256"] == __import__("hashlib").sha256(blob).hexdigest()
+        assert f["sha256"] == hashlib.sha256(blob).hexdigest()
     return manifest
 
 
@@ -176,6 +177,7 @@ def test_download_resumes_after_connection_drop(coco_server, tmp_path):
     gets = coco_server.requests_for(path)
     assert [r.range for r in gets] == [None, f"bytes={len(blob) // 2}-"]
     assert [r.status for r in gets] == [200, 206]
+    assert gets[1].if_range == f'"{hashlib.md5(blob).hexdigest()}"'  # resumes only the same version
     # The second attempt fetched only the rest: the file crossed the wire once, not twice.
     assert coco_server.bytes_served(path) == len(blob)
     assert result.bytes_fetched == len(blob)
@@ -195,6 +197,20 @@ def test_download_continues_partial_file_of_earlier_run(coco_server, tmp_path):
     # A finished file passing the checks is not fetched again.
     again = download_file(coco_server.url + path, tmp_path / "train2017.zip", size=len(blob))
     assert again.bytes_fetched == 0 and len(coco_server.requests_for(path)) == 1
+
+
+def test_download_restarts_when_the_file_changed_since_the_partial_one(coco_server, tmp_path):
+    path = "/zips/val2017.zip"
+    old = coco_server.files[path]
+    coco_server.drop_after(path, 3000)
+    with pytest.raises(DownloadError, match="3000 bytes kept"):
+        download_file(coco_server.url + path, tmp_path / "v.zip", retries=0)
+    new = old[:2000] + b"X" * 2000 + old[4000:]
+    coco_server.files[path] = new  # same size, other bytes: only the ETag tells
+    result = download_file(coco_server.url + path, tmp_path / "v.zip")
+    last = coco_server.requests_for(path)[-1]
+    assert (last.range, last.status) == ("bytes=3000-", 200)  # If-Range did not match: whole file
+    assert (tmp_path / "v.zip").read_bytes() == new and result.bytes_fetched == len(new)
 
 
 def test_download_retries_server_errors_then_succeeds(coco_server, tmp_path):
@@ -422,8 +438,11 @@ def test_ingest_invalid_annotations_fail_and_write_no_manifest(coco_dir, tmp_pat
     bad["annotations"][0]["category_id"] = 42
     (src_dir / "annotations" / "instances_val2017.json").write_text(json.dumps(bad))
     root = tmp_path / "store"
-    with pytest.raises(InvalidAnnotations, match="category_id=42 not in categories"):
+    with pytest.raises(InvalidAnnotations, match="category_id=42 not in categories") as err:
         ingest_coco(str(src_dir), str(root), splits=("val2017",))
+    # Named by where the data came from, not by the temporary staging copy.
+    assert str(err.value).startswith(f"{src_dir.resolve()}/annotations/instances_val2017.json: ")
+    assert f"checked in {src_dir.resolve()}/val2017" in str(err.value)
     assert not list(root.rglob("*"))
 
 

@@ -147,7 +147,13 @@ def ingest_coco(
             stager.images(split, {n for n in names if safe_file_name(n)}, stage)
             if validate:
                 report = validate_annotations(
-                    json_path, stage / split, check_images=check_images, data=data, workers=workers
+                    json_path,
+                    stage / split,
+                    check_images=check_images,
+                    data=data,
+                    workers=workers,
+                    display_json=f"{src.uri}/{annotation_name(split)}",
+                    display_images=f"{src.uri}/{split}",
                 )
                 split_counts = {
                     "num_images": report.num_images,

@@ -80,10 +80,17 @@ class _Retry(Exception):
     """Internal: this attempt failed in a way another attempt may fix."""
 
 
-def _open(url: str, offset: int, timeout_s: float):
+def _validator_path(part: Path) -> Path:
+    return part.with_name(part.name + ".validator")
+
+
+def _open(url: str, offset: int, timeout_s: float, validator: str | None):
     headers = {"User-Agent": "cascade-rcnn-ingest/1", "Accept-Encoding": "identity"}
     if offset > 0:
         headers["Range"] = f"bytes={offset}-"
+        if validator:
+            # The server sends the whole file (200) instead of the rest if it changed since.
+            headers["If-Range"] = validator
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
 
 
@@ -94,8 +101,10 @@ def _fetch_once(
 
     On a network error the bytes already written stay in `part` for the next attempt.
     """
+    validator_file = _validator_path(part)
+    validator = validator_file.read_text() if offset > 0 and validator_file.exists() else None
     try:
-        resp = _open(url, offset, timeout_s)
+        resp = _open(url, offset, timeout_s, validator)
     except urllib.error.HTTPError as e:
         if e.code == 416:
             # Range past the end: the partial file is either complete or longer than the resource.
@@ -104,6 +113,7 @@ def _fetch_once(
                 return offset
             logger.warning("%s: server refused Range from byte %d; restarting from 0", url, offset)
             part.unlink(missing_ok=True)
+            validator_file.unlink(missing_ok=True)
             raise _Retry(f"HTTP 416 for Range bytes={offset}-") from e
         if e.code in _RETRY_STATUS:
             raise _Retry(f"HTTP {e.code} {e.reason}") from e
@@ -120,10 +130,19 @@ def _fetch_once(
             mode = "ab"
         else:
             if offset > 0:
-                logger.warning("%s: server ignored the Range request; downloading from byte 0", url)
+                logger.warning(
+                    "%s: server sent the whole file (changed, or no Range support); restarting", url
+                )
             length = resp.headers.get("Content-Length")
             total = int(length) if length is not None else expected
             mode = "wb"
+            # Remember which version the part file holds, for If-Range when resuming it.
+            etag = resp.headers.get("ETag", "")
+            new_validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
+            if new_validator:
+                validator_file.write_text(new_validator)
+            else:
+                validator_file.unlink(missing_ok=True)
         if expected is not None and total != expected:
             # A different file than the one asked for (a mirror's error page, a new release).
             raise DownloadError(f"{url}: server reports {total} bytes, expected {expected}")
@@ -165,6 +184,7 @@ def download_file(
     resumed_from = part.stat().st_size if part.exists() else 0
     if size is not None and resumed_from > size:
         part.unlink()
+        _validator_path(part).unlink(missing_ok=True)
         resumed_from = 0
     if resumed_from:
         logger.info("%s: resuming from byte %d of %s", url, resumed_from, size or "?")
@@ -205,6 +225,7 @@ def download_file(
             logger.warning("%s: %s at byte %d; retry %d/%d in %.1fs", url, e, now, failures, retries, wait)
             time.sleep(wait)
     progress.finish()
+    _validator_path(part).unlink(missing_ok=True)
     try:
         digest = _check_complete(part, url, size, md5, sha256)
     except DownloadError:

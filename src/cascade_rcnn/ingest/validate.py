@@ -46,7 +46,8 @@ class ValidationReport:
     def summary(self) -> str:
         head = (
             f"{self.json_path}: {self.num_images} images, {self.num_annotations} annotations, "
-            f"{self.num_categories} categories, {self.images_checked} image files checked; "
+            f"{self.num_categories} categories, {self.images_checked} image files checked in "
+            f"{self.image_dir}; "
         )
         if self.ok:
             return head + f"no errors ({self.num_warnings} warnings)"
@@ -90,6 +91,19 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_NUMBER_TYPES = {int, float}
+
+
+def _all_finite_numbers(values: list) -> bool:
+    """Same as all(map(_is_number, values)) at C speed: COCO train has ~40M polygon coordinates."""
+    if not set(map(type, values)) <= _NUMBER_TYPES:  # exact types, so bool is excluded
+        return False
+    try:
+        return math.isfinite(sum(values))  # nan and inf survive a sum
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_images(data: dict, out: _Collector) -> dict[int, dict]:
@@ -148,7 +162,7 @@ def _check_segmentation(seg: Any, ann_desc: str, img: dict, out: _Collector) -> 
         if not seg:
             out.error("bad segmentation", f"{ann_desc}: empty polygon list")
         for k, poly in enumerate(seg):
-            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+            if not isinstance(poly, list) or not _all_finite_numbers(poly):
                 out.error("bad segmentation", f"{ann_desc}: polygon {k} is not a list of finite numbers")
             elif len(poly) < 6 or len(poly) % 2:
                 out.error(
@@ -197,7 +211,7 @@ def _check_annotations(
         if ann["iscrowd"] not in (0, 1):
             out.error("bad annotation", f"{desc} has iscrowd={ann['iscrowd']!r}")
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and _all_finite_numbers(bbox)):
             out.error("bad bbox", f"{desc}: bbox {bbox!r} is not 4 finite numbers")
         elif bbox[2] < 0 or bbox[3] < 0:
             out.error("bad bbox", f"{desc}: bbox {bbox!r} has negative width or height")
@@ -219,7 +233,7 @@ def _check_image_file(path: Path, img: dict, check_sizes: bool) -> tuple[str, st
     """(kind, message) when the file is missing, undecodable or of the wrong size."""
     from PIL import Image
 
-    desc = f"image id={img['id']} file {path}"
+    desc = f"image id={img['id']} file {img['file_name']}"
     if not path.is_file():
         return "missing image", f"{desc} does not exist"
     try:
@@ -271,13 +285,18 @@ def validate_annotations(
     workers: int = 8,
     data: dict | None = None,
     raise_on_error: bool = True,
+    display_json: str | None = None,
+    display_images: str | None = None,
 ) -> ValidationReport:
     """Checks a COCO instances JSON and, with `check_images`, every image it lists in `image_dir`.
 
-    `data` may carry the already-parsed JSON to avoid reading a large file twice. Raises
+    `data` may carry the already-parsed JSON to avoid reading a large file twice. `display_json` and
+    `display_images` name the files in messages when they were staged from elsewhere. Raises
     InvalidAnnotations (an IngestError) when errors exist, unless `raise_on_error` is False.
     """
-    report = ValidationReport(json_path=str(json_path), image_dir=str(image_dir))
+    report = ValidationReport(
+        json_path=display_json or str(json_path), image_dir=display_images or str(image_dir)
+    )
     if data is None:
         data = load_annotations(json_path)
     out = _Collector(report, max_listed)
@@ -289,7 +308,7 @@ def validate_annotations(
     report.num_categories = len(data["categories"])
     if check_images and images:
         image_root = Path(image_dir)
-        progress = ProgressLog(f"check images of {Path(json_path).name}", len(images), unit="images")
+        progress = ProgressLog(f"check images of {report.json_path}", len(images), unit="images")
         with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
             results = pool.map(
                 lambda img: _check_image_file(image_root / img["file_name"], img, check_sizes),
