@@ -487,3 +487,5 @@ def test_cli_ingest(coco_dir, tmp_path, capsys):
     assert out["manifest_uri"].endswith("datasets/tiny/manifest.json") and out["transferred_files"] == 5
     assert main(["--source", str(tmp_path / "nowhere"), "--root", str(root)]) == 1
     assert "source directory" in capsys.readouterr().err
+    assert main(["--source", str(src_dir), "--root", str(root), "--name", "../up"]) == 1
+    assert "invalid data set name '../up'" in capsys.readouterr().err

@@ -73,12 +73,13 @@ def _reusable(manifest: dict | None, fp: str, splits: tuple[str, ...]) -> bool:
     return all(split in entries and storage.exists(entries[split]["annotations"]) for split in splits)
 
 
-def _check_splits(splits: tuple[str, ...]) -> None:
+def _check_names(name: str, splits: tuple[str, ...]) -> None:
+    # Both become path components of the stored layout.
     if not splits:
         raise IngestError("no splits given")
-    for split in splits:
-        if not split or "/" in split or "\\" in split or split.startswith("."):
-            raise IngestError(f"invalid split name {split!r}")
+    for kind, value in [("data set name", name)] + [("split name", s) for s in splits]:
+        if not value or "/" in value or "\\" in value or value.startswith("."):
+            raise IngestError(f"invalid {kind} {value!r}: use a plain name such as coco2017 or val2017")
 
 
 def ingest_coco(
@@ -103,7 +104,7 @@ def ingest_coco(
     `max_images` keeps only the first N images of each split (for demos and tests).
     """
     splits = tuple(splits)
-    _check_splits(splits)
+    _check_names(name, splits)
     if max_images is not None and max_images < 1:
         raise IngestError(f"max_images must be positive, got {max_images}")
     src = parse_source(source, base_url)
