@@ -55,6 +55,8 @@ def test_join_and_uri_parsing(tmp_path: Path) -> None:
     assert storage.join("/data", "a") == "/data/a"
     with pytest.raises(StorageError, match="no bucket"):
         storage.get_bytes("s3:///key")
+    with pytest.raises(StorageError, match="not an object"):
+        storage.put_bytes(b"x", "s3://bucket/prefix/")
     with pytest.raises(StorageError, match="unsupported URI scheme"):
         storage.get_bytes("gs://bucket/key")
     with pytest.raises(StorageError, match="host 'otherhost'"):
@@ -412,3 +414,15 @@ def test_server_killed_during_tree_upload(doomed_server, tmp_path: Path) -> None
     assert stats.files + stats.skipped == len(files) and stats.skipped == len(stored)
     storage.download_tree("s3://doomed/tree", tmp_path / "dst")
     assert _read_tree(tmp_path / "dst") == files
+
+
+def test_request_retried_until_server_returns(doomed_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connection errors back off and retry: a PUT issued while the server is down lands once it is back."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "10")
+    doomed_server.kill()
+    thread, outcome = _run_in_thread(lambda: storage.put_bytes(b"survived", "s3://doomed/retry/flag"))
+    time.sleep(0.5)  # let the first attempts fail against the dead server
+    doomed_server.restart()
+    thread.join()
+    assert not isinstance(outcome[0], BaseException), outcome
+    assert storage.get_bytes("s3://doomed/retry/flag", require_checksum=True) == b"survived"

@@ -117,6 +117,14 @@ def _split_s3(uri: str) -> Tuple[str, str]:
     return bucket, key
 
 
+def _split_object(uri: str) -> Tuple[str, str]:
+    """Like _split_s3, for operations on one object: the key must name an object, not a prefix."""
+    bucket, key = _split_s3(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(f"{uri!r} names a bucket or prefix, not an object (expected s3://bucket/key)")
+    return bucket, key
+
+
 def _local_path(uri: PathLike) -> Path:
     text = os.fspath(uri)
     if text.startswith("file://"):
@@ -553,7 +561,7 @@ def put_bytes(data: bytes, uri: PathLike, endpoint_url: Optional[str] = None) ->
     uri = os.fspath(uri)
     sha = hashlib.sha256(data).hexdigest()
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = _split_object(uri)
         endpoint = _resolve_endpoint(endpoint_url)
         _s3_put_bytes(_client(endpoint), data, bucket, key, endpoint, sha)
     else:
@@ -565,7 +573,7 @@ def get_bytes(uri: PathLike, endpoint_url: Optional[str] = None, require_checksu
     """Read a whole object; S3 objects are verified against their sha256 metadata."""
     uri = os.fspath(uri)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = _split_object(uri)
         endpoint = _resolve_endpoint(endpoint_url)
         return _s3_get_bytes(_client(endpoint), bucket, key, endpoint, require_checksum)[0]
     path = _local_path(uri)
@@ -581,9 +589,7 @@ def put_file(local_path: PathLike, uri: PathLike, endpoint_url: Optional[str] = 
     """Copy a local file to uri (S3 or local) atomically, storing its sha256 on S3."""
     src, uri = Path(local_path), os.fspath(uri)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
-        if not key or key.endswith("/"):
-            raise StorageError(f"put {src} -> {uri}: the destination must name an object, not a prefix")
+        bucket, key = _split_object(uri)
         endpoint = _resolve_endpoint(endpoint_url)
         progress = _Progress(
             f"put {src} -> {uri}", 1, _file_size(src), enabled=True, quiet_below_s=_PROGRESS_INTERVAL_S
@@ -602,7 +608,7 @@ def get_file(
     (ChecksumMismatch leaves any existing file at local_path untouched)."""
     uri, dest = os.fspath(uri), Path(local_path)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = _split_object(uri)
         endpoint = _resolve_endpoint(endpoint_url)
         client = _client(endpoint)
         head = _s3_head(client, bucket, key, endpoint)
@@ -625,7 +631,7 @@ def head(uri: PathLike, endpoint_url: Optional[str] = None) -> ObjectInfo:
     """Size and sha256 of an object (local files are hashed). Raises NotFound when it is missing."""
     uri = os.fspath(uri)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = _split_object(uri)
         endpoint = _resolve_endpoint(endpoint_url)
         resp = _s3_head(_client(endpoint), bucket, key, endpoint)
         if resp is None:
@@ -644,7 +650,7 @@ def exists(uri: PathLike, endpoint_url: Optional[str] = None) -> bool:
     """Whether the object / file exists. A missing bucket raises StorageError instead of answering False."""
     uri = os.fspath(uri)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = _split_object(uri)
         endpoint = _resolve_endpoint(endpoint_url)
         return _s3_head(_client(endpoint), bucket, key, endpoint) is not None
     return _local_path(uri).is_file()
@@ -654,7 +660,7 @@ def delete(uri: PathLike, endpoint_url: Optional[str] = None) -> None:
     """Delete one object / file. Deleting something that does not exist is not an error."""
     uri = os.fspath(uri)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = _split_object(uri)
         endpoint = _resolve_endpoint(endpoint_url)
         try:
             _client(endpoint).delete_object(Bucket=bucket, Key=key)
@@ -785,6 +791,7 @@ class _Progress:
     def add_bytes(self, n: int) -> None:
         with self._lock:
             self.bytes += n
+        self.maybe_log()
 
     def file_done(self, skipped: bool = False, verified: bool = True) -> None:
         with self._lock:
@@ -794,9 +801,10 @@ class _Progress:
 
     def maybe_log(self) -> None:
         now = time.monotonic()
-        if not self.enabled or now - self._last_log < _PROGRESS_INTERVAL_S:
-            return
-        self._last_log = now
+        with self._lock:
+            if not self.enabled or now - self._last_log < _PROGRESS_INTERVAL_S:
+                return
+            self._last_log = now
         elapsed = now - self.start
         rate = self.bytes / 1e6 / elapsed if elapsed > 0 else 0.0
         left = max(self.total_bytes - self.bytes, 0) / 1e6
@@ -853,9 +861,14 @@ def _run_pool(
             done, _ = wait(inflight, timeout=1.0, return_when=FIRST_COMPLETED)
             for fut in done:
                 inflight.discard(fut)
+                if fut.cancelled():
+                    continue
                 exc = fut.exception()
                 if exc is not None:
                     failures.append((fut.item, exc))  # type: ignore[attr-defined]
+            if failures:
+                for fut in inflight:  # queued, not yet started: drop them
+                    fut.cancel()
             progress.maybe_log()
             fill()
     if failures:
@@ -978,14 +991,10 @@ def download_tree(
                 f"download {uri}: no objects under s3://{bucket}/{prefix} at {_endpoint_name(endpoint)}"
             )
         prog = _Progress(label, len(items), sum(s for _, _, s in items), progress)
-        made_dirs: set = set()
 
         def one(item: Tuple[str, str, int]) -> None:
             rel, obj_key, size = item
             dest = dest_root / rel
-            if dest.parent not in made_dirs:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                made_dirs.add(dest.parent)
             if skip_unchanged and _file_size(dest) == size and dest.is_file():
                 resp = _s3_head(client, bucket, obj_key, endpoint)
                 sha = (resp or {}).get("Metadata", {}).get(SHA256_METADATA)
