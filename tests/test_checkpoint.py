@@ -468,3 +468,26 @@ def test_other_num_classes_skips_class_specific_layers(caplog):
         "roi_heads.box_predictor.{0, 1, 2}.cls_score.{bias, weight}",
         "roi_heads.mask_head.predictor.{bias, weight}",
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Object storage
+# ---------------------------------------------------------------------------------------------
+
+
+def test_s3_save_and_load(s3_env):
+    from cascade_rcnn import storage
+
+    bucket = s3_env
+    uri = f"s3://{bucket}/run/model_final.pth"
+    save_checkpoint(uri, {"w": torch.arange(4.0)}, meta={"iteration": 7})
+    weights = load_weights(uri)
+    assert weights.format == "ours" and weights.meta["iteration"] == 7
+    assert torch.equal(weights["w"], torch.arange(4.0))
+    assert load_checkpoint(uri)["meta"]["iteration"] == 7
+
+    storage.put_file(str(FIXTURE / "model_final.pkl"), f"s3://{bucket}/zoo/model_final.pkl")
+    zoo = load_weights(f"s3://{bucket}/zoo/model_final.pkl")
+    assert zoo.format == "d2" and len(zoo) == 323
+    with pytest.raises(CheckpointError, match="absent.pkl"):
+        load_weights(f"s3://{bucket}/zoo/absent.pkl")

@@ -1,0 +1,192 @@
+"""Time Cascade Mask R-CNN on synthetic inputs; print one JSON line.
+
+    python bench/model_speed.py --config configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml \
+        --height 800 --width 1216 --batch 2 --iters 3
+
+Inputs are random uint8 images with 6 random boxes per image, each with a polygon mask inside
+its box (as detectron2's numbers in the parity fixture's README were measured). The model is
+freshly initialized (MODEL.WEIGHTS is not loaded unless --weights is given).
+
+train_step_s: median seconds of forward + backward + SGD step at --batch images per step.
+infer_s_per_image: median seconds of one eval-mode forward at batch 1 (postprocessing included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cascade_rcnn.config import load_config  # noqa: E402
+from cascade_rcnn.modeling import build_model  # noqa: E402
+from cascade_rcnn.structures import Targets  # noqa: E402
+
+
+def synthetic_targets(
+    rng: np.random.Generator, height: int, width: int, num_classes: int, n: int = 6
+) -> Targets:
+    """n random boxes (at least 16 px a side) with an 8-point star-ish polygon inside each."""
+    boxes, polygons = [], []
+    for _ in range(n):
+        bw = rng.uniform(16, width / 2)
+        bh = rng.uniform(16, height / 2)
+        x0 = rng.uniform(0, width - bw)
+        y0 = rng.uniform(0, height - bh)
+        boxes.append([x0, y0, x0 + bw, y0 + bh])
+        angles = np.sort(rng.uniform(0, 2 * np.pi, size=8))
+        radii = rng.uniform(0.5, 1.0, size=8)
+        cx, cy = x0 + bw / 2, y0 + bh / 2
+        xs = cx + np.cos(angles) * radii * bw / 2
+        ys = cy + np.sin(angles) * radii * bh / 2
+        polygons.append([np.stack([xs, ys], axis=1).reshape(-1).astype(np.float64)])
+    return Targets(
+        boxes=torch.tensor(boxes, dtype=torch.float32),
+        classes=torch.from_numpy(rng.integers(0, num_classes, size=n)).long(),
+        polygons=polygons,
+        masks=None,
+    )
+
+
+def synthetic_batch(
+    rng: np.random.Generator, batch: int, height: int, width: int, num_classes: int
+) -> list[dict]:
+    return [
+        {
+            "image": torch.from_numpy(rng.integers(0, 256, size=(3, height, width), dtype=np.uint8)),
+            "height": height,
+            "width": width,
+            "targets": synthetic_targets(rng, height, width, num_classes),
+        }
+        for _ in range(batch)
+    ]
+
+
+def _timed(fn, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE")
+    p.add_argument("--height", type=int, default=800)
+    p.add_argument("--width", type=int, default=1216)
+    p.add_argument("--batch", type=int, default=2, help="images per training step")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations of each measurement")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations before each measurement")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--weights", default=None, help="optionally load these weights first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-infer", action="store_true")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="print the top-N ops of one train step and one inference to stderr",
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    cfg = load_config(args.config, args.opts)
+    num_classes = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    model = build_model(cfg)
+    if args.weights:
+        from cascade_rcnn.checkpoint import load_pretrained
+
+        load_pretrained(model, cfg, args.weights)
+
+    result: dict = {
+        "config": args.config,
+        "opts": args.opts,
+        "height": args.height,
+        "width": args.width,
+        "batch": args.batch,
+        "iters": args.iters,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+    if not args.skip_train:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        # First-iteration LR of detectron2's warmup: small enough that random data stays finite.
+        lr = float(cfg.SOLVER.BASE_LR) * float(cfg.SOLVER.WARMUP_FACTOR)
+        opt = torch.optim.SGD(
+            params, lr=lr, momentum=float(cfg.SOLVER.MOMENTUM), weight_decay=float(cfg.SOLVER.WEIGHT_DECAY)
+        )
+        batches = [synthetic_batch(rng, args.batch, args.height, args.width, num_classes) for _ in range(2)]
+        state = {"i": 0, "loss": None}
+
+        def train_step() -> None:
+            data = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            losses = model(data)
+            total = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            state["loss"] = float(total.detach())
+
+        times = _timed(train_step, args.iters, args.warmup)
+        result["train_step_s"] = statistics.median(times)
+        result["train_step_all_s"] = [round(t, 4) for t in times]
+        result["last_total_loss"] = state["loss"]
+        if args.profile:
+            _profile(train_step, args.profile, "train step")
+
+    if not args.skip_infer:
+        model.eval()
+        images = [synthetic_batch(rng, 1, args.height, args.width, num_classes) for _ in range(2)]
+        for b in images:
+            del b[0]["targets"]
+        state = {"i": 0, "dets": 0}
+
+        def infer() -> None:
+            data = images[state["i"] % len(images)]
+            state["i"] += 1
+            with torch.inference_mode():
+                state["dets"] = len(model(data)[0])
+
+        times = _timed(infer, args.iters, args.warmup)
+        result["infer_s_per_image"] = statistics.median(times)
+        result["infer_all_s"] = [round(t, 4) for t in times]
+        result["detections_per_image"] = state["dets"]
+        if args.profile:
+            _profile(infer, args.profile, "inference")
+
+    print(json.dumps(result))
+    return 0
+
+
+def _profile(fn, top: int, what: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print(f"--- {what}: top {top} ops by self CPU time", file=sys.stderr)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
