@@ -338,6 +338,10 @@ def test_torchvision_weights_warn_about_config():
     cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
     assert check_weights_config(weights, cfg) == []
     assert check_weights_config(WeightsFile(state={}, format="c2"), get_cfg()) == []
+    assert len(check_weights_config(WeightsFile(state={}, format="c2"), cfg)) == 1
+    # Converted by fetch-weights into our format: the origin is in the meta.
+    converted = WeightsFile(state={}, format="ours", meta={"source_format": "torchvision"})
+    assert any("STRIDE_IN_1X1" in w for w in check_weights_config(converted, get_cfg()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -657,11 +657,16 @@ def check_weights_config(weights: WeightsFile, cfg: Any) -> list[str]:
 
     torchvision ResNets put the stride on the 3x3 conv and expect RGB input normalized with the
     ImageNet mean/std; MSRA/Caffe2 weights put it on the 1x1 and expect BGR with std 1.
+    Our checkpoints converted by `cascade-rcnn fetch-weights` carry the origin in
+    meta["source_format"].
     """
     warnings: list[str] = []
     resnets = cfg.MODEL.RESNETS
     src = weights.source or "the weights"
-    if weights.format == "torchvision":
+    origin = weights.format
+    if origin == "ours" and weights.meta.get("source_format") in ("torchvision", "c2"):
+        origin = weights.meta["source_format"]
+    if origin == "torchvision":
         if resnets.STRIDE_IN_1X1:
             warnings.append(
                 f"{src} are torchvision ResNet weights (stride on the 3x3 conv) but "
@@ -679,7 +684,7 @@ def check_weights_config(weights: WeightsFile, cfg: Any) -> list[str]:
                 f"and MODEL.PIXEL_STD {list(TORCHVISION_PIXEL_STD)} (RGB), got "
                 f"{list(cfg.MODEL.PIXEL_MEAN)} and {list(cfg.MODEL.PIXEL_STD)}."
             )
-    elif weights.format == "c2" and not resnets.STRIDE_IN_1X1:
+    elif origin == "c2" and not resnets.STRIDE_IN_1X1:
         warnings.append(
             f"{src} are MSRA/Caffe2 weights (stride on the 1x1 conv) but MODEL.RESNETS.STRIDE_IN_1X1 is False."
         )
