@@ -161,6 +161,7 @@ def _rank_main(rank: int, world_size: int, port: int, argv: list[str], log_dir: 
     Path(log_dir, f"rc{rank}").write_text(str(rc))
 
 
+@pytest.mark.slow  # two processes each import torch and build the model
 def test_cli_under_two_gloo_ranks_matches_one_process(parity_coco, local_run, tmp_path):
     root, _ = parity_coco
     out = tmp_path / "dist_out"
