@@ -192,3 +192,8 @@ def test_cli_errors_name_the_problem(parity_coco, tmp_path, capsys):
     assert "NO_SUCH_KEY" in capsys.readouterr().err
     assert main(_args(str(root), str(tmp_path / "o"), "--max-images", "0")) == 1
     assert "max_images" in capsys.readouterr().err
+    # Weights for 3 classes on a 5-class model: refused, not evaluated half-random.
+    assert main(_args(str(root), str(tmp_path / "o"), "MODEL.ROI_HEADS.NUM_CLASSES", "5")) == 1
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and "cls_score" in err
+    assert not (tmp_path / "o").exists()

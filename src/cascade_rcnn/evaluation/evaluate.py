@@ -38,12 +38,18 @@ def _world() -> tuple[int, int]:
 
 
 def load_model(cfg, weights: str, device: torch.device) -> torch.nn.Module:
-    """build_model(cfg) with `weights` (our checkpoint or detectron2's) loaded, in eval mode on `device`."""
-    from cascade_rcnn.checkpoint import load_into_model, load_weights
+    """build_model(cfg) with `weights` (our checkpoint or detectron2's) loaded, in eval mode on `device`.
+
+    Unlike training, evaluation refuses weights that leave model tensors missing or mismatched: the
+    metrics of a partly random model (say, a NUM_CLASSES that differs from the checkpoint) are noise.
+    """
+    from cascade_rcnn.checkpoint import CheckpointError, load_pretrained
     from cascade_rcnn.modeling import build_model
 
     model = build_model(cfg)
-    load_into_model(model, load_weights(weights))
+    _, report = load_pretrained(model, cfg, weights)
+    if report.missing or report.shape_mismatch:
+        raise CheckpointError(f"{weights} does not fit the model of this config:\n{report.format()}")
     return model.to(device).eval()
 
 
