@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -93,6 +94,21 @@ def _collate(batch: list) -> list:
     return batch
 
 
+# S3 clients a forked worker inherited; kept referenced so that collecting them cannot close sockets
+# the parent still uses.
+_inherited_clients: list = []
+
+
+def _worker_init(worker_id: int) -> None:
+    """Give a forked worker its own S3 connections: a pooled connection shared with the parent or a
+    sibling interleaves two responses on one socket (seen as "IncompleteRead")."""
+    storage = sys.modules.get("cascade_rcnn.storage")
+    clients = getattr(storage, "_clients", None)
+    if isinstance(clients, dict) and clients:
+        _inherited_clients.extend(clients.values())
+        clients.clear()
+
+
 def _raise_failures(batch: list) -> list[dict]:
     for item in batch:
         if isinstance(item, _ItemFailure):
@@ -125,6 +141,7 @@ class TrainLoader:
         num_workers: int,
         pin_memory: bool,
         start_iter: int = 0,
+        mp_context: str | None = None,
     ):
         self.dataset = dataset
         self.batch_per_device = batch_per_device
@@ -135,6 +152,7 @@ class TrainLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.iteration = start_iter
+        self.mp_context = mp_context
         self._buckets = aspect_buckets(dataset.records) if aspect_grouping else None
 
     def _dataloader(self) -> DataLoader:
@@ -146,9 +164,13 @@ class TrainLoader:
             num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=self.pin_memory,
+            multiprocessing_context=self.mp_context if self.num_workers > 0 else None,
+            worker_init_fn=_worker_init,
         )
 
     def __iter__(self) -> Iterator[list[dict]]:
+        if self.iteration:
+            logger.info("Train loader continues at iteration %d (replaying the index stream)", self.iteration)
         for batch in self._dataloader():
             self.iteration += 1
             yield _raise_failures(batch)
@@ -187,12 +209,14 @@ def build_train_loader(
     start_iter: int = 0,
     pin_memory: bool = False,
     mapper: Callable[..., dict] | None = None,
+    mp_context: str | None = None,
 ) -> TrainLoader:
     """Training loader over `records` (from load_coco_json) for one rank.
 
     Applies cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and ASPECT_RATIO_GROUPING; num_workers defaults to
     cfg.DATALOADER.NUM_WORKERS. start_iter: batches already consumed (resume). pin_memory: set it when
-    batches go to an accelerator.
+    batches go to an accelerator. mp_context: worker start method ("fork", "spawn", ...; default: torch's).
+    mapper: replaces DatasetMapper.from_config(cfg, is_train=True); called as mapper(record, rng).
     """
     seed = _check_seed(seed)
     if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
@@ -211,6 +235,7 @@ def build_train_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         start_iter=start_iter,
+        mp_context=mp_context,
     )
 
 
@@ -224,12 +249,14 @@ class InferenceLoader:
         batch_size: int,
         num_workers: int,
         pin_memory: bool,
+        mp_context: str | None = None,
     ):
         self.dataset = dataset
         self.sampler = sampler
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.mp_context = mp_context
 
     def __len__(self) -> int:
         return (len(self.sampler) + self.batch_size - 1) // self.batch_size
@@ -242,6 +269,8 @@ class InferenceLoader:
             num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=self.pin_memory,
+            multiprocessing_context=self.mp_context if self.num_workers > 0 else None,
+            worker_init_fn=_worker_init,
         )
         for batch in loader:
             yield _raise_failures(batch)
@@ -257,14 +286,14 @@ def build_test_loader(
     num_workers: int | None = None,
     pin_memory: bool = False,
     mapper: Callable[..., dict] | None = None,
+    mp_context: str | None = None,
 ) -> InferenceLoader:
     """Inference loader: this rank's contiguous shard, resized to MIN/MAX_SIZE_TEST, no targets."""
     mapper = mapper or DatasetMapper.from_config(cfg, is_train=False)
     workers = cfg.DATALOADER.NUM_WORKERS if num_workers is None else num_workers
     dataset = MappedDataset(records, mapper)
-    return InferenceLoader(
-        dataset, InferenceSampler(len(dataset), rank, world_size), batch_size, workers, pin_memory
-    )
+    sampler = InferenceSampler(len(dataset), rank, world_size)
+    return InferenceLoader(dataset, sampler, batch_size, workers, pin_memory, mp_context)
 
 
 __all__ = [

@@ -232,6 +232,8 @@ class DatasetMapper:
                     for t in transforms:
                         polys = t.apply_polygons(polys)
                     polygons.append(polys)
+        elif self.use_masks and self.mask_format == "bitmask":
+            masks = torch.zeros((0, newh, neww), dtype=torch.bool)
         elif self.use_masks:
             polygons = []
 
