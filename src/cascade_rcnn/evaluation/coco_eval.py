@@ -138,9 +138,13 @@ def _check_results(results: Sequence[Mapping], gt: dict, source: str) -> None:
 
 def _coco_api(use_fast: bool):
     if use_fast:
-        from faster_coco_eval import COCO, COCOeval_faster
+        try:
+            from faster_coco_eval import COCO, COCOeval_faster
 
-        return COCO, COCOeval_faster
+            return COCO, COCOeval_faster
+        except ImportError:
+            # Same numbers, only slower: an image without faster-coco-eval still evaluates.
+            logger.warning("faster-coco-eval is not installed; using pycocotools' COCOeval")
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
