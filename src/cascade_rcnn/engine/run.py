@@ -3,6 +3,7 @@ checkpoint if there is one, train, and leave `model_final.pth` under the output.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -181,9 +182,11 @@ def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
     )
     if trainer_state is not None:
         check_data_state(loader, trainer_state.get("data", {}))
+    # Fetch the first batch now: starting a DataLoader iterator draws its base seed from torch's global
+    # RNG. Restoring the RNG states after that draw (below) makes the model's random sampling continue
+    # exactly where the checkpointed run left it.
     data_iter = iter(loader)
-    # RNG states are restored after the loader started, so the model's random sampling continues
-    # exactly where the checkpointed run left it, whatever building the loader drew.
+    data_iter = itertools.chain([next(data_iter)], data_iter)
     if trainer_state is not None:
         rng = trainer_state["rng"]
         if len(rng) == info.world_size:
