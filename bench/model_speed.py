@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -71,15 +72,20 @@ def synthetic_batch(
     ]
 
 
-def _timed(fn, iters: int, warmup: int) -> list[float]:
+def _timed(fn, iters: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of each of `iters` calls after `warmup` untimed ones.
+
+    CPU seconds (all threads) help read results taken on a busy machine.
+    """
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(iters):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +133,29 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
 
+    # Inference first, on the freshly initialized (or loaded) weights, so that training steps on
+    # random data do not change what it measures.
+    if not args.skip_infer:
+        model.eval()
+        images = [synthetic_batch(rng, 1, args.height, args.width, num_classes) for _ in range(2)]
+        for b in images:
+            del b[0]["targets"]
+        state = {"i": 0, "dets": 0}
+
+        def infer() -> None:
+            data = images[state["i"] % len(images)]
+            state["i"] += 1
+            with torch.inference_mode():
+                state["dets"] = len(model(data)[0])
+
+        times, cpu = _timed(infer, args.iters, args.warmup)
+        result["infer_s_per_image"] = statistics.median(times)
+        result["infer_all_s"] = [round(t, 4) for t in times]
+        result["infer_cpu_s_per_image"] = statistics.median(cpu)
+        result["detections_per_image"] = state["dets"]
+        if args.profile:
+            _profile(infer, args.profile, "inference")
+
     if not args.skip_train:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -148,33 +177,16 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
             state["loss"] = float(total.detach())
 
-        times = _timed(train_step, args.iters, args.warmup)
+        times, cpu = _timed(train_step, args.iters, args.warmup)
         result["train_step_s"] = statistics.median(times)
         result["train_step_all_s"] = [round(t, 4) for t in times]
+        result["train_step_cpu_s"] = statistics.median(cpu)
         result["last_total_loss"] = state["loss"]
         if args.profile:
             _profile(train_step, args.profile, "train step")
 
-    if not args.skip_infer:
-        model.eval()
-        images = [synthetic_batch(rng, 1, args.height, args.width, num_classes) for _ in range(2)]
-        for b in images:
-            del b[0]["targets"]
-        state = {"i": 0, "dets": 0}
-
-        def infer() -> None:
-            data = images[state["i"] % len(images)]
-            state["i"] += 1
-            with torch.inference_mode():
-                state["dets"] = len(model(data)[0])
-
-        times = _timed(infer, args.iters, args.warmup)
-        result["infer_s_per_image"] = statistics.median(times)
-        result["infer_all_s"] = [round(t, 4) for t in times]
-        result["detections_per_image"] = state["dets"]
-        if args.profile:
-            _profile(infer, args.profile, "inference")
-
+    # Other work on the machine skews wall times; record how busy it was.
+    result["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
     return 0
 
