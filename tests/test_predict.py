@@ -207,6 +207,9 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     )
     assert rc == 2 and "missing.pkl" in err
 
+    rc, err = _run_main(["--config", str(CONFIG), "--output", out, str(IMAGES[0])], capsys)
+    assert rc == 2 and "no weights" in err and "MODEL.WEIGHTS" in err
+
     rc, err = _run_main(
         base[:4] + ["--opts", "MODEL.NOT_A_KEY", "1", "--output", out, str(IMAGES[0])], capsys
     )

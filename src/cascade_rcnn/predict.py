@@ -288,8 +288,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         cfg = load_config(args.config, args.opts)
-        if args.weights is not None and not args.weights.strip():
-            raise PredictError("--weights is empty")
+        if not (args.weights if args.weights is not None else cfg.MODEL.WEIGHTS).strip():
+            raise PredictError(f"no weights: pass --weights or set MODEL.WEIGHTS in {args.config}")
         records = predict_files(
             cfg, args.weights, args.images, args.batch_size, categories_file=args.categories
         )
