@@ -218,3 +218,12 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     rc, err = _run_main(base[:4] + ["--opts", "MODEL.DEVICE", "--output", out, str(IMAGES[0])], capsys)
     assert rc == 2 and "KEY VALUE" in err
     assert not Path(out).exists()
+
+
+def test_cascade_rcnn_cli_dispatches_predict(capsys):
+    from cascade_rcnn import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", "--help"])
+    assert exit_info.value.code == 0
+    assert "--weights" in capsys.readouterr().out
