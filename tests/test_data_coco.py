@@ -162,6 +162,10 @@ def test_small_overhang_is_tolerated(tmp_path):
         (lambda d: d["annotations"][0].pop("bbox"), "annotation id=1 has no 'bbox' field"),
         (lambda d: d["annotations"][0].pop("id"), "annotations[0] has no 'id' field"),
         (lambda d: d["images"][0].pop("width"), "image id=1 has no 'width' field"),
+        (
+            lambda d: d["images"][0].update(height=-3),
+            "image id=1 (1.jpg) has invalid size height=-3 width=100",
+        ),
         (lambda d: d["categories"][0].pop("name"), "category id=5 has no 'name' field"),
         (
             lambda d: d["annotations"].append(dict(d["annotations"][0])),

@@ -175,11 +175,12 @@ def load_coco_json(
         if img_id in img_by_id:
             raise DataError(f"{json_file}: image id={img_id} appears more than once")
         h, w = img["height"], img["width"]
-        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+        # Some converters write sizes as 480.0; anything not a positive whole number is an error.
+        if not all(isinstance(v, (int, float)) and v > 0 and float(v).is_integer() for v in (h, w)):
             raise DataError(
                 f"{json_file}: {where} ({img['file_name']}) has invalid size height={h} width={w}"
             )
-        img_by_id[img_id] = img
+        img_by_id[img_id] = dict(img, height=int(h), width=int(w))
 
     problems: list[str] = []
     anns_by_image: dict[int, list[dict]] = {i: [] for i in img_by_id}
