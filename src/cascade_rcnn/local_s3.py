@@ -266,7 +266,8 @@ def start_seaweedfs(
     """Start `weed mini` on free 127.0.0.1 ports with one admin identity (access_key, secret_key).
 
     data_dir holds the server's data, its S3 identity file and weed.log; with remove_data=True
-    (the default) `close()` deletes it. Returns once S3 answers a signed request.
+    (the default) `close()` deletes it. Returns once S3 answers a signed request. On Linux the
+    server is killed when the thread that started it ends, so call this from a long-lived thread.
     """
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
