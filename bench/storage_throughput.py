@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -62,21 +63,30 @@ def aws_cp(aws: str, env: dict, endpoint: str, src: str, dst: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
 
 
+def _cpu_s(tool: str) -> float:
+    """CPU seconds used so far by the client: this process for ours, finished children for awscli."""
+    usage = resource.getrusage(resource.RUSAGE_SELF if tool == "ours" else resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def transfer(
     tool: str, src: Path, prefix: str, out: Path, args: argparse.Namespace, env: dict, endpoint: str
-) -> tuple[float, float]:
-    """Upload src (a directory) to prefix, download it back to out; returns (upload s, download s)."""
-    t0 = time.perf_counter()
-    if tool == "ours":
-        storage.upload_tree(src, prefix, workers=args.workers, progress=False)
-    else:
-        aws_cp(args.aws, env, endpoint, str(src), prefix + "/")
-    t1 = time.perf_counter()
-    if tool == "ours":
-        storage.download_tree(prefix, out, workers=args.workers, progress=False, fsync=not args.no_fsync)
-    else:
-        aws_cp(args.aws, env, endpoint, prefix + "/", str(out))
-    return t1 - t0, time.perf_counter() - t1
+) -> list[tuple[str, float, float]]:
+    """Upload src (a directory) to prefix, download it back to out; returns
+    [(direction, wall s, client CPU s)] for upload and download."""
+    timings = []
+    for direction in ("upload", "download"):
+        t0, c0 = time.perf_counter(), _cpu_s(tool)
+        if tool == "ours" and direction == "upload":
+            storage.upload_tree(src, prefix, workers=args.workers, progress=False)
+        elif tool == "ours":
+            storage.download_tree(prefix, out, workers=args.workers, progress=False, fsync=not args.no_fsync)
+        elif direction == "upload":
+            aws_cp(args.aws, env, endpoint, str(src), prefix + "/")
+        else:
+            aws_cp(args.aws, env, endpoint, prefix + "/", str(out))
+        timings.append((direction, time.perf_counter() - t0, _cpu_s(tool) - c0))
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (os.path.isfile(args.aws) or shutil.which(args.aws)):
         parser.error(f"awscli not found at {args.aws} (pip install awscli or pass --aws)")
 
+    load_start = [round(x, 2) for x in os.getloadavg()]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="storage-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -126,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                     for name, src in (("tree", tree), ("big", big)):
                         prefix = f"s3://{BUCKET}/{tool}-{rep}/{name}"
                         out = work / "out" / f"{tool}-{rep}-{name}"
-                        up, down = transfer(tool, src, prefix, out, args, env, server.endpoint_url)
+                        timings = transfer(tool, src, prefix, out, args, env, server.endpoint_url)
                         if tree_bytes(out) != tree_bytes(src):
                             raise RuntimeError(
                                 f"{tool} {name}: downloaded {tree_bytes(out)} != source {tree_bytes(src)}"
                             )
                         shutil.rmtree(out)
                         storage.delete_prefix(prefix + "/")
-                        for direction, seconds in (("upload", up), ("download", down)):
+                        for direction, seconds, cpu in timings:
                             runs.append(
                                 {
                                     "repeat": rep,
@@ -142,22 +153,26 @@ def main(argv: list[str] | None = None) -> int:
                                     "direction": direction,
                                     "seconds": round(seconds, 3),
                                     "MBps": round(sizes[name] / 1e6 / seconds, 1),
+                                    "client_cpu_s": round(cpu, 2),
                                 }
                             )
-                        print(
-                            f"# {rep} {tool:6s} {name:4s} up {up:6.2f} s  down {down:6.2f} s", file=sys.stderr
-                        )
+                            print(
+                                f"# {rep} {tool:6s} {name:4s} {direction:8s} {seconds:6.2f} s, client CPU {cpu:5.2f} s",
+                                file=sys.stderr,
+                            )
 
         best: dict = {}
         for r in runs:
-            key = f"{r['data']}_{r['direction']}"
-            best.setdefault(key, {}).setdefault(r["tool"], 0.0)
-            best[key][r["tool"]] = max(best[key][r["tool"]], r["MBps"])
+            entry = best.setdefault(f"{r['data']}_{r['direction']}", {}).setdefault(r["tool"], {"MBps": 0.0})
+            if r["MBps"] > entry["MBps"]:
+                entry.update(MBps=r["MBps"], cpu=r["client_cpu_s"])
         summary = {
             key: {
-                "ours_MBps": v["ours"],
-                "awscli_MBps": v["awscli"],
-                "ratio": round(v["ours"] / v["awscli"], 2),
+                "ours_MBps": v["ours"]["MBps"],
+                "awscli_MBps": v["awscli"]["MBps"],
+                "ratio": round(v["ours"]["MBps"] / v["awscli"]["MBps"], 2),
+                "ours_client_cpu_s": v["ours"]["cpu"],
+                "awscli_client_cpu_s": v["awscli"]["cpu"],
             }
             for key, v in best.items()
         }
@@ -168,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),
                 "python": platform.python_version(),
+                "load_average_at_start": load_start,
+                "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             },
             "data": {
                 "tree": {
