@@ -315,7 +315,7 @@ class CascadeROIHeads(nn.Module):
         probs_sum: Optional[Tensor] = None
         for k in range(self.num_stages):
             scores, deltas = self._run_stage(feats, boxes, k)
-            probs = F.softmax(scores, dim=-1)
+            probs = F.softmax(scores.float(), dim=-1)
             probs_sum = probs if probs_sum is None else probs_sum + probs
             if k + 1 < self.num_stages:
                 boxes = self._next_stage_boxes(k, deltas, boxes, image_sizes)

@@ -140,9 +140,9 @@ def mask_rcnn_loss(pred_mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tenso
 def mask_rcnn_inference(pred_mask_logits: Tensor, pred_classes: Tensor) -> Tensor:
     """(R, K|1, M, M) logits, (R,) classes -> (R, 1, M, M) probabilities of the predicted class."""
     if pred_mask_logits.shape[1] == 1:
-        return pred_mask_logits.sigmoid()
+        return pred_mask_logits.float().sigmoid()
     rows = torch.arange(pred_mask_logits.shape[0], device=pred_classes.device)
-    return pred_mask_logits[rows, pred_classes][:, None].sigmoid()
+    return pred_mask_logits[rows, pred_classes][:, None].float().sigmoid()
 
 
 def mask_targets(

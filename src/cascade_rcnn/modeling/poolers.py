@@ -70,11 +70,17 @@ class ROIPooler(nn.Module):
             raise ValueError(
                 f"pooler got boxes for {len(boxes)} images and features for {features[0].shape[0]}"
             )
-        rois = boxes_to_rois(boxes).to(features[0].dtype)
+        rois = boxes_to_rois(boxes).float()
+        dtype = features[0].dtype
+        if dtype != rois.dtype:
+            # Pool in fp32 under mixed precision (as torchvision's autocast wrapper does):
+            # fp16/bf16 box coordinates would be off by pixels.
+            features = [f.float() for f in features]
         if len(self.scales) == 1:
-            return roi_align(
+            out = roi_align(
                 features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned
             )
+            return out.to(dtype)
         levels = assign_boxes_to_levels(
             rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
         )
@@ -83,8 +89,6 @@ class ROIPooler(nn.Module):
             inds = torch.nonzero(levels == level, as_tuple=True)[0]
             if inds.numel() == 0:
                 continue
-            out.index_put_(
-                (inds,),
-                roi_align(feat, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned),
-            )
-        return out
+            pooled = roi_align(feat, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)
+            out.index_put_((inds,), pooled)
+        return out.to(dtype)

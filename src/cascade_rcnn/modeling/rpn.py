@@ -74,6 +74,7 @@ def find_top_proposals(
     """
     num_images = len(image_sizes)
     device = proposals[0].device
+    logits = [x.float() for x in logits]  # NMS and the returned logits in fp32 under mixed precision
     batch_idx = torch.arange(num_images, device=device)
     topk_scores, topk_proposals, level_ids = [], [], []
     for level, (props, scores) in enumerate(zip(proposals, logits)):
@@ -250,6 +251,21 @@ class RPN(nn.Module):
             "loss_rpn_loc": loc_loss / normalizer * self.loss_weight_loc,
         }
 
+    def dense_outputs(self, features: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per level: anchors (HWA, 4), objectness logits (N, HWA), deltas (N, HWA, 4), (y, x, a) order."""
+        feats = [features[f] for f in self.in_features]
+        anchors = self.anchor_generator(feats)
+        logits, deltas = self.rpn_head(feats)
+        num_images = feats[0].shape[0]
+        # (N, A, H, W) -> (N, H*W*A)
+        logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
+        # (N, A*4, H, W) -> (N, H*W*A, 4)
+        deltas = [
+            x.view(num_images, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
+            for x in deltas
+        ]
+        return anchors, logits, deltas
+
     def forward(
         self,
         features: dict[str, Tensor],
@@ -257,17 +273,7 @@ class RPN(nn.Module):
         targets: Optional[list[Targets]] = None,
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """Proposals per image (R_i, 4) in resized-image pixels (sorted by objectness), and losses."""
-        feats = [features[f] for f in self.in_features]
-        anchors = self.anchor_generator(feats)
-        logits, deltas = self.rpn_head(feats)
-        num_images = feats[0].shape[0]
-        # (N, A, H, W) -> (N, H*W*A), matching the (y, x, anchor) anchor order.
-        logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
-        # (N, A*4, H, W) -> (N, H*W*A, 4)
-        deltas = [
-            x.view(num_images, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
-            for x in deltas
-        ]
+        anchors, logits, deltas = self.dense_outputs(features)
         losses: dict[str, Tensor] = {}
         if self.training:
             if targets is None:
@@ -277,7 +283,7 @@ class RPN(nn.Module):
             losses = self.losses(
                 all_anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), gt_labels, gt_boxes
             )
-        proposals = self.predict_proposals(anchors, logits, deltas, image_sizes)
+        proposals, _ = self.predict_proposals(anchors, logits, deltas, image_sizes)
         return proposals, losses
 
     @torch.no_grad()
@@ -287,7 +293,8 @@ class RPN(nn.Module):
         logits: list[Tensor],
         deltas: list[Tensor],
         image_sizes: list[tuple[int, int]],
-    ) -> list[Tensor]:
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Decoded top proposals per image (R_i, 4) and their objectness logits (R_i,)."""
         decoded = []
         for anchors_l, deltas_l in zip(anchors, deltas):
             n = deltas_l.shape[0]
@@ -295,7 +302,7 @@ class RPN(nn.Module):
                 deltas_l.reshape(-1, 4), anchors_l.unsqueeze(0).expand(n, -1, -1).reshape(-1, 4)
             )
             decoded.append(boxes.view(n, -1, 4))
-        boxes, _ = find_top_proposals(
+        return find_top_proposals(
             decoded,
             logits,
             image_sizes,
@@ -305,4 +312,3 @@ class RPN(nn.Module):
             self.min_box_size,
             self.training,
         )
-        return boxes
