@@ -194,7 +194,10 @@ def _client(endpoint: Optional[str], pool: int = 64) -> Any:
             "AWS_RETRY_MODE",
         )
     )
-    key = (endpoint, env, pool)
+    # The pid keeps a forked DataLoader worker off the parent's pooled sockets: two processes reading
+    # one connection interleave responses ("IncompleteRead"). Inherited clients stay referenced, so
+    # collecting them never closes a socket the parent still uses.
+    key = (os.getpid(), endpoint, env, pool)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:

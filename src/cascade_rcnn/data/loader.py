@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -94,21 +93,6 @@ def _collate(batch: list) -> list:
     return batch
 
 
-# S3 clients a forked worker inherited; kept referenced so that collecting them cannot close sockets
-# the parent still uses.
-_inherited_clients: list = []
-
-
-def _worker_init(worker_id: int) -> None:
-    """Give a forked worker its own S3 connections: a pooled connection shared with the parent or a
-    sibling interleaves two responses on one socket (seen as "IncompleteRead")."""
-    storage = sys.modules.get("cascade_rcnn.storage")
-    clients = getattr(storage, "_clients", None)
-    if isinstance(clients, dict) and clients:
-        _inherited_clients.extend(clients.values())
-        clients.clear()
-
-
 def _raise_failures(batch: list) -> list[dict]:
     for item in batch:
         if isinstance(item, _ItemFailure):
@@ -165,7 +149,6 @@ class TrainLoader:
             collate_fn=_collate,
             pin_memory=self.pin_memory,
             multiprocessing_context=self.mp_context if self.num_workers > 0 else None,
-            worker_init_fn=_worker_init,
         )
 
     def __iter__(self) -> Iterator[list[dict]]:
@@ -270,7 +253,6 @@ class InferenceLoader:
             collate_fn=_collate,
             pin_memory=self.pin_memory,
             multiprocessing_context=self.mp_context if self.num_workers > 0 else None,
-            worker_init_fn=_worker_init,
         )
         for batch in loader:
             yield _raise_failures(batch)
