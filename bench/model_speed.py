@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--weights", default=None, help="optionally load these weights first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.0, help="SGD learning rate of the timed steps (see below)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-infer", action="store_true")
     p.add_argument(
@@ -159,10 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_train:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        # First-iteration LR of detectron2's warmup: small enough that random data stays finite.
-        lr = float(cfg.SOLVER.BASE_LR) * float(cfg.SOLVER.WARMUP_FACTOR)
+        # lr 0 by default: the step does all its arithmetic but the weights stay put, so every timed
+        # iteration does the same work (random data quickly drives a randomly initialized model
+        # to huge losses, which changes the proposals and so the cost).
         opt = torch.optim.SGD(
-            params, lr=lr, momentum=float(cfg.SOLVER.MOMENTUM), weight_decay=float(cfg.SOLVER.WEIGHT_DECAY)
+            params,
+            lr=args.lr,
+            momentum=float(cfg.SOLVER.MOMENTUM),
+            weight_decay=float(cfg.SOLVER.WEIGHT_DECAY),
         )
         batches = [synthetic_batch(rng, args.batch, args.height, args.width, num_classes) for _ in range(2)]
         state = {"i": 0, "loss": None}
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         result["train_step_all_s"] = [round(t, 4) for t in times]
         result["train_step_cpu_s"] = statistics.median(cpu)
         result["last_total_loss"] = state["loss"]
+        result["lr"] = args.lr
         if args.profile:
             _profile(train_step, args.profile, "train step")
 
