@@ -1,0 +1,55 @@
+#!/bin/bash
+# `make test-containers`: the components in the cpu image, through kfp.local's DockerRunner.
+#
+#   1. engine: podman with runc serving the Docker API on a unix socket (engine.sh), started when
+#      none answers and stopped at the end;
+#   2. base:   localhost/bookworm-py311 from Debian packages (make-base.sh), skipped when cached;
+#   3. build:  images/cpu on that base (build-cpu.sh), layers cached;
+#   4. tests:  pytest -m containers tests/containers, DOCKER_HOST pointing at the engine.
+#
+# Usage: test-containers.sh [PYTEST ARGS...]
+# Environment: IMAGE (default localhost/cascade-rcnn-cpu:local), BASE_IMAGE, ENGINE_DIR, PYTHON.
+# Prints each step's wall time at the end.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+image=${IMAGE:-localhost/cascade-rcnn-cpu:local}
+python=${PYTHON:-$root/.venv/bin/python}
+
+timings=()
+step() {
+    local name=$1 start=$SECONDS
+    shift
+    echo "==> $name" >&2
+    "$@"
+    timings+=("$(printf '%-8s %4d s' "$name" $((SECONDS - start)))")
+}
+report() {
+    local rc=$?
+    if [ ${#timings[@]} -gt 0 ]; then
+        echo "==> wall time per step:" >&2
+        printf '    %s\n' "${timings[@]}" >&2
+    fi
+    if [ "${started:-0}" = 1 ]; then
+        "$here/engine.sh" stop || true
+    fi
+    return $rc
+}
+trap report EXIT
+
+prepare_engine() {
+    CONTAINERS_CONF=$("$here/engine.sh" config) # installs podman and runc when missing
+    export CONTAINERS_CONF
+    if ! "$here/engine.sh" status; then
+        "$here/engine.sh" start
+        started=1
+    fi
+    eval "$("$here/engine.sh" env)"
+}
+started=0
+step engine prepare_engine
+step base "$here/make-base.sh" "${BASE_IMAGE:-localhost/bookworm-py311}"
+step build "$here/build-cpu.sh" "$image"
+cd "$root"
+step tests env CASCADE_RCNN_TEST_IMAGE="$image" "$python" -m pytest -m containers tests/containers "$@"
