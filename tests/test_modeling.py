@@ -355,24 +355,31 @@ def test_losses_are_named_and_finite_with_bitmasks_too():
 
 def test_overfitting_two_images_decreases_the_losses():
     torch.manual_seed(0)
-    model = build_model(slim_cfg()).train()
+    # Fewer proposals and RoIs than the fixture config keep this fast; the code path is the same.
+    cfg = slim_cfg(
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "512",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "256",
+    )  # fmt: skip
+    model = build_model(cfg).train()
     data = [shapes_image(0), shapes_image(1)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     history = []
-    for _ in range(30):
+    for _ in range(25):
         losses = model(data)
         total = sum(losses.values())
         opt.zero_grad()
         total.backward()
         opt.step()
         history.append({k: float(v) for k, v in losses.items()})
+    assert all(math.isfinite(v) for h in history for v in h.values())
     first, last = history[0], history[-5:]
     mean_last = {k: sum(h[k] for h in last) / len(last) for k in first}
-    total_first, total_last = sum(first.values()), sum(mean_last.values())
-    assert total_last < 0.7 * total_first, (first, mean_last)
-    for k in ("loss_rpn_cls", "loss_cls_stage0", "loss_mask"):
-        assert mean_last[k] < first[k], (k, first[k], mean_last[k])
+    assert sum(mean_last.values()) < 0.8 * sum(first.values()), (first, mean_last)
+    # Box regression losses may rise at first: better boxes put more foreground RoIs in later stages.
+    for k in ("loss_rpn_cls", "loss_cls_stage0", "loss_cls_stage1", "loss_cls_stage2", "loss_mask"):
+        assert mean_last[k] < 0.8 * first[k], (k, first[k], mean_last[k])
 
 
 def test_batched_inference_returns_original_size_detections():
