@@ -229,6 +229,30 @@ def test_pooler_keeps_box_order_across_levels():
     assert out[:, 0, 0, 0].tolist() == [8.0, 4.0, 8.0]
 
 
+def test_threaded_roi_align_matches_torchvision():
+    from torchvision.ops import roi_align as tv_roi_align
+
+    from cascade_rcnn.modeling.poolers import roi_align
+
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 8, 40, 48, generator=g, requires_grad=True)
+    xy = torch.rand(300, 2, generator=g) * 150
+    wh = torch.rand(300, 2, generator=g) * 80 + 1
+    rois = torch.cat([torch.randint(0, 2, (300, 1), generator=g).float(), xy, xy + wh], dim=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out = roi_align(feat, rois, (7, 7), 0.25, 0, True)
+        grad_out = torch.randn(out.shape, generator=g)
+        (grad,) = torch.autograd.grad(out, feat, grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    expected = tv_roi_align(feat, rois, (7, 7), 0.25, 0, True)
+    (expected_grad,) = torch.autograd.grad(expected, feat, grad_out)
+    assert torch.equal(out, expected)  # each RoI's output is computed exactly as torchvision does
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
 # ---- masks --------------------------------------------------------------------------------------
 
 

@@ -3,12 +3,95 @@
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+from torchvision.ops import roi_align as tv_roi_align
 
 POOLER_TYPES = {"ROIAlignV2": True, "ROIAlign": False}  # name -> aligned (half-pixel offset)
+
+# torchvision's CPU roi_align (forward and backward) runs on one core; below this many RoIs per
+# thread, splitting them is not worth a thread hand-off.
+_MIN_ROIS_PER_THREAD = 32
+_executor: Optional[tuple[int, int, ThreadPoolExecutor]] = None  # (pid, workers, pool)
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool owned by this process (a forked data-loader worker must not reuse its parent's)."""
+    global _executor
+    if _executor is None or _executor[0] != os.getpid() or _executor[1] != workers:
+        _executor = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="roi_align"))
+    return _executor[2]
+
+
+def _split_by_cost(rois: Tensor, scale: float, output_size: tuple[int, int], parts: int) -> list[Tensor]:
+    """Split RoI indices into `parts` contiguous runs of about equal sampling work."""
+    h = ((rois[:, 4] - rois[:, 2]) * scale / output_size[0]).ceil().clamp(min=1)
+    w = ((rois[:, 3] - rois[:, 1]) * scale / output_size[1]).ceil().clamp(min=1)
+    cost = torch.cumsum(h * w, 0)
+    bounds = torch.searchsorted(cost, cost[-1] * torch.arange(1, parts) / parts).tolist()
+    return list(torch.arange(rois.shape[0]).tensor_split(bounds))
+
+
+class _ThreadedROIAlign(torch.autograd.Function):
+    """torchvision's roi_align kernels on several threads, each over a share of the RoIs.
+
+    Every output row depends on its RoI only, so the forward is bit-identical; the backward sums
+    the per-share input gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, feat, rois, output_size, scale, sampling_ratio, aligned, workers):
+        shares = _split_by_cost(rois, scale, output_size, workers)
+        ctx.save_for_backward(rois)
+        ctx.args = (feat.shape, output_size, scale, sampling_ratio, aligned, shares)
+
+        def run(idx: Tensor) -> Tensor:
+            return torch.ops.torchvision.roi_align(
+                feat, rois[idx], scale, output_size[0], output_size[1], sampling_ratio, aligned
+            )
+
+        return torch.cat(list(_thread_pool(workers).map(run, shares)))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (rois,) = ctx.saved_tensors
+        (n, c, h, w), output_size, scale, sampling_ratio, aligned, shares = ctx.args
+        grad_output = grad_output.contiguous()
+
+        def run(idx: Tensor) -> Tensor:
+            return torch.ops.torchvision._roi_align_backward(
+                grad_output[idx],
+                rois[idx],
+                scale,
+                output_size[0],
+                output_size[1],
+                n,
+                c,
+                h,
+                w,
+                sampling_ratio,
+                aligned,
+            )
+
+        grads = list(_thread_pool(len(shares)).map(run, shares))
+        total = grads[0]
+        for g in grads[1:]:
+            total += g
+        return total, None, None, None, None, None, None
+
+
+def roi_align(
+    feat: Tensor, rois: Tensor, output_size: tuple[int, int], scale: float, sampling_ratio: int, aligned: bool
+) -> Tensor:
+    """torchvision.ops.roi_align; on CPU spread over torch.get_num_threads() threads."""
+    workers = min(torch.get_num_threads(), rois.shape[0] // _MIN_ROIS_PER_THREAD)
+    if feat.device.type != "cpu" or workers < 2:
+        return tv_roi_align(feat, rois, output_size, scale, sampling_ratio, aligned)
+    return _ThreadedROIAlign.apply(feat, rois, output_size, scale, sampling_ratio, aligned, workers)
 
 
 def assign_boxes_to_levels(
