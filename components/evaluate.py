@@ -1,0 +1,58 @@
+"""Component `evaluate`: COCO box and mask AP of a Model on a split (cascade_rcnn.evaluation).
+
+Writes the results, metrics.json and the reports under `<root>/runs/<run id>/eval/`, and gives KFP a
+Metrics artifact (the AP families, as `bbox/AP`, `segm/AP50`, ...), the Markdown table and the HTML
+report with example images and their predicted masks.
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl.python_component import PythonComponent
+
+
+def evaluate(
+    dataset: Input[Dataset],
+    model: Input[Model],
+    config: str,
+    root: str,
+    run_id: str,
+    job_id: str,
+    split: str,
+    max_images: int,
+    device: str,
+    config_opts: list,
+    metrics: Output[Metrics],
+    table: Output[Markdown],
+    report: Output[HTML],
+):
+    """Evaluate `model`'s checkpoint on `split` of the dataset (max_images: the first N, 0: all)."""
+    import logging
+
+    from cascade_rcnn import storage
+    from cascade_rcnn.config import load_config
+    from cascade_rcnn.evaluation import evaluate_checkpoint, format_table, kfp_metrics
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    output = storage.join(root, "runs", run_id or job_id, "eval")
+    cfg = load_config(config, ["MODEL.DEVICE", device, *[str(x) for x in config_opts]])
+    weights = model.metadata["checkpoint_uri"]
+    results = evaluate_checkpoint(
+        cfg,
+        weights,
+        dataset.metadata["manifest_uri"],
+        split,
+        output,
+        max_images=max_images if max_images > 0 else None,
+    )
+    for name, value in kfp_metrics(results).items():
+        metrics.log_metric(name, value)
+    metrics.metadata["output_uri"] = output
+    with open(table.path, "wb") as f:
+        f.write(storage.get_bytes(storage.join(output, "report.md")))
+    with open(report.path, "wb") as f:
+        f.write(storage.get_bytes(storage.join(output, "report.html")))
+    print(format_table(results))
+
+
+def build(base_image: str) -> PythonComponent:
+    return dsl.component(evaluate, base_image=base_image, install_kfp_package=False)

@@ -1,0 +1,78 @@
+"""Component `finetune`: fine-tune train's Model on new data with a fresh schedule
+(`cascade-rcnn finetune --weights ...`, cascade_rcnn.engine.launch).
+
+Checkpoints go to `<root>/runs/<run id>/finetune/`; like train, a retry resumes from there.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl.python_component import PythonComponent
+
+
+def finetune(
+    dataset: Input[Dataset],
+    base_model: Input[Model],
+    data: str,
+    config: str,
+    root: str,
+    run_id: str,
+    job_id: str,
+    iterations: int,
+    learning_rate: float,
+    batch_per_device: int,
+    nproc_per_node: int,
+    accelerator: str,
+    device: str,
+    amp: bool,
+    config_opts: list,
+    finetune_opts: list,
+    model: Output[Model],
+):
+    """Fine-tune `base_model`'s checkpoint on `data` (a COCO-layout root or a manifest URI; empty:
+    the ingested dataset). When the new data has another number of classes, set
+    MODEL.ROI_HEADS.NUM_CLASSES in `finetune_opts`: the class-specific layers are then re-initialised.
+    """
+    import json
+
+    from cascade_rcnn import storage
+    from cascade_rcnn.engine.launch import main_for
+
+    data = data or dataset.metadata["manifest_uri"]
+    init = base_model.metadata["checkpoint_uri"]
+    output = storage.join(root, "runs", run_id or job_id, "finetune")
+    steps = f"({round(iterations * 2 / 3)}, {round(iterations * 8 / 9)})"
+    opts = [
+        "MODEL.DEVICE", device,
+        "SOLVER.MAX_ITER", str(iterations),
+        "SOLVER.STEPS", steps,
+        "SOLVER.BASE_LR", str(learning_rate),
+        "SOLVER.IMS_PER_BATCH", str(batch_per_device * nproc_per_node),
+        "SOLVER.AMP.ENABLED", str(bool(amp)),
+        *[str(x) for x in config_opts],
+        *[str(x) for x in finetune_opts],
+    ]  # fmt: skip
+    argv = ["--config", config, "--weights", init, "--data", data, "--output", output]
+    argv += ["--nproc-per-node", str(nproc_per_node), "--opts", *opts]
+    print("cascade-rcnn finetune " + " ".join(argv), flush=True)
+    if main_for("finetune", argv) != 0:
+        raise RuntimeError(f"fine-tuning into {output} failed")
+    final = storage.join(output, "model_final.pth")
+    info = {
+        "checkpoint_uri": final,
+        "output_uri": output,
+        "source": init,
+        "sha256": storage.head(final).sha256,
+        "format": "cascade_rcnn",
+        "iterations": iterations,
+        "accelerator": f"{nproc_per_node} x {accelerator}",
+        "data": data,
+        "config": config,
+    }
+    model.metadata.update(info)
+    with open(model.path, "w") as f:
+        json.dump(info, f, indent=1)
+    print(json.dumps(info, indent=1))
+
+
+def build(base_image: str) -> PythonComponent:
+    return dsl.component(finetune, base_image=base_image, install_kfp_package=False)

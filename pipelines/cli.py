@@ -1,0 +1,240 @@
+"""`python -m pipelines compile | submit | schedule | run-local`."""
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from pipelines.params import ParameterError, kfp_cron
+from pipelines.training import COMPILED, CompileOptions, compile_pipeline
+
+log = logging.getLogger("pipelines")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _add_compile_options(p: argparse.ArgumentParser) -> None:
+    d = CompileOptions()
+    g = p.add_argument_group("compile options (fixed in the compiled YAML)")
+    g.add_argument("--registry", default=d.registry, help=f"image registry (default: {d.registry})")
+    g.add_argument("--tag", default=d.tag, help=f"image tag (default: the package version, {d.tag})")
+    g.add_argument(
+        "--no-accelerator",
+        action="store_true",
+        help="train and finetune on the CPU image without accelerator requests, node selector or "
+        "toleration (clusters without NPUs)",
+    )
+    g.add_argument(
+        "--accelerator-image",
+        default=d.accelerator_image,
+        help=f"image target of train/finetune: cascade-rcnn-TARGET (default: {d.accelerator_image})",
+    )
+    g.add_argument(
+        "--node-selector",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help="node label of the training steps, repeatable (default: "
+        + ", ".join(f"{k}={v}" for k, v in d.node_selector.items())
+        + ")",
+    )
+    g.add_argument(
+        "--toleration",
+        action="append",
+        metavar="TAINT_KEY",
+        help="taint key the training steps tolerate (Exists, NoSchedule), repeatable; '' for none "
+        f"(default: {', '.join(d.tolerations)})",
+    )
+    g.add_argument(
+        "--shm-size", default=d.shm_size, help=f"/dev/shm of the training steps (default: {d.shm_size})"
+    )
+    g.add_argument(
+        "--timeout-hours",
+        type=float,
+        default=d.train_timeout_s / 3600,
+        help=f"deadline of each training pod (default: {d.train_timeout_s // 3600})",
+    )
+    g.add_argument("--retries", type=int, default=d.train_retries, help="retries of the training steps")
+    g.add_argument(
+        "--cpu", default=d.cpu_request, help=f"CPU request of the training steps (default: {d.cpu_request})"
+    )
+    g.add_argument("--memory", default=d.memory_request, help=f"memory request (default: {d.memory_request})")
+    g.add_argument("--memory-limit", default=d.memory_limit, help=f"memory limit (default: {d.memory_limit})")
+    g.add_argument(
+        "--secret-key",
+        type=_key_value,
+        action="append",
+        metavar="ENV=KEY",
+        help="read env var ENV from key KEY of the S3 Secret, repeatable (default: each of "
+        + ", ".join(d.secret_keys)
+        + " from the key of the same name)",
+    )
+
+
+def compile_options(args: argparse.Namespace) -> CompileOptions:
+    d = CompileOptions()
+    if args.retries < 0:
+        raise ParameterError(f"--retries {args.retries}: must be 0 or more")
+    if args.timeout_hours <= 0:
+        raise ParameterError(f"--timeout-hours {args.timeout_hours}: must be positive")
+    secret_keys = dict(d.secret_keys)
+    for env, key in args.secret_key or []:
+        if env not in secret_keys:
+            raise ParameterError(f"--secret-key {env}={key}: {env} is not one of {', '.join(secret_keys)}")
+        secret_keys[env] = key
+    tolerations = d.tolerations if args.toleration is None else tuple(t for t in args.toleration if t)
+    return CompileOptions(
+        registry=args.registry,
+        tag=args.tag,
+        accelerator=not args.no_accelerator,
+        accelerator_image=args.accelerator_image,
+        node_selector=dict(args.node_selector) if args.node_selector else d.node_selector,
+        tolerations=tolerations,
+        shm_size=args.shm_size,
+        train_timeout_s=round(args.timeout_hours * 3600),
+        train_retries=args.retries,
+        cpu_request=args.cpu,
+        memory_request=args.memory,
+        memory_limit=args.memory_limit,
+        secret_keys=secret_keys,
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--package", type=Path, help="a compiled pipeline to send (default: compile one now)")
+    p.add_argument(
+        "--endpoint", help="KFP API endpoint, e.g. http://localhost:8080 (default: $KF_PIPELINES_ENDPOINT)"
+    )
+    p.add_argument("--ui-endpoint", help="KFP UI address for the printed link (default: the endpoint)")
+    p.add_argument("--namespace", help="namespace of the run (multi-user Kubeflow: your profile)")
+    p.add_argument("--experiment", default="cascade-rcnn", help="experiment name (default: cascade-rcnn)")
+    p.add_argument("--pipeline-root", help="s3://... for the run's KFP artifacts (default: kfp-launcher's)")
+    p.add_argument("--service-account", help="Kubernetes service account of the run's pods")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="pipeline parameter, repeatable (lists as JSON); root is required",
+    )
+    p.add_argument(
+        "--check-bucket",
+        action="store_true",
+        help="also check from this machine (AWS_ENDPOINT_URL and AWS credentials) that root's bucket exists",
+    )
+    _add_compile_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines",
+        description="Compile, submit, schedule or locally run the training pipeline.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile the pipeline to YAML")
+    p.add_argument("--output", type=Path, default=COMPILED, help=f"YAML to write (default: {COMPILED})")
+    _add_compile_options(p)
+
+    p = sub.add_parser("submit", help="start one run on a KFP cluster and print its URL")
+    p.add_argument("--run-name", help="display name of the run")
+    p.add_argument("--no-cache", action="store_true", help="run every step even if a cached result exists")
+    _add_run_options(p)
+
+    p = sub.add_parser("schedule", help="create a recurring run (caching off, one at a time, no catch-up)")
+    p.add_argument(
+        "--cron", required=True, help="five-field cron in the cluster's time zone, e.g. '0 2 * * *'"
+    )
+    p.add_argument("--name", default="cascade-rcnn-retraining", help="recurring run name")
+    _add_run_options(p)
+
+    p = sub.add_parser("run-local", help="run the whole pipeline here (kfp.local, CPU, local SeaweedFS)")
+    p.add_argument(
+        "--workdir", type=Path, default=Path("demo_out"), help="where everything goes (default: demo_out)"
+    )
+    p.add_argument("--iterations", type=int, help="training iterations")
+    p.add_argument("--finetune-iterations", type=int, help="fine-tuning iterations")
+    p.add_argument("--train-images", type=int, help="generated training images")
+    p.add_argument("--val-images", type=int, help="generated validation images")
+    return parser
+
+
+def _package(args: argparse.Namespace, tmp: str) -> Path:
+    if args.package is not None:
+        if not args.package.is_file():
+            raise ParameterError(f"--package {args.package}: no such file")
+        return args.package
+    return compile_pipeline(Path(tmp) / "pipeline.yaml", compile_options(args))
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    from pipelines.run_local import LocalSettings, run_local, summary
+
+    settings = LocalSettings()
+    for name in ("iterations", "finetune_iterations", "train_images", "val_images"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise ParameterError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+            setattr(settings, name, value)
+    run = run_local(args.workdir, settings)
+    print(summary(run, args.workdir.resolve() / "s3"))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "compile":
+            path = compile_pipeline(args.output, compile_options(args))
+            print(f"wrote {path}")
+            return 0
+        if args.command == "run-local":
+            return _run_local(args)
+
+        from pipelines.submit import Connection, prepare, schedule, submit
+
+        if args.command == "schedule":
+            kfp_cron(args.cron)  # before anything else, so a bad schedule costs nothing
+        with tempfile.TemporaryDirectory(prefix="cascade-rcnn-pipeline-") as tmp:
+            package = _package(args, tmp)
+            params = prepare(
+                package, args.param, pipeline_root=args.pipeline_root, check_bucket=args.check_bucket
+            )
+            conn = Connection(args.endpoint, args.namespace, args.ui_endpoint)
+            if args.command == "submit":
+                url = submit(
+                    package,
+                    params,
+                    conn,
+                    experiment=args.experiment,
+                    run_name=args.run_name,
+                    pipeline_root=args.pipeline_root,
+                    enable_caching=False if args.no_cache else None,
+                    service_account=args.service_account,
+                )
+                print(f"run: {url}")
+            else:
+                job_id = schedule(
+                    package,
+                    params,
+                    conn,
+                    args.cron,
+                    name=args.name,
+                    experiment=args.experiment,
+                    pipeline_root=args.pipeline_root,
+                    service_account=args.service_account,
+                )
+                print(f"recurring run: {job_id} (cron {args.cron!r} -> KFP {kfp_cron(args.cron)!r})")
+            return 0
+    except ParameterError as e:
+        print(f"python -m pipelines {args.command}: error: {e}", file=sys.stderr)
+        return 2

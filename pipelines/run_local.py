@@ -1,0 +1,264 @@
+"""`python -m pipelines run-local`: the whole training pipeline on this machine, before it ever
+reaches a cluster.
+
+kfp.local's SubprocessRunner runs the same component functions the cluster runs, one after another,
+in this Python environment (use_venv=False), on the CPU. Object storage is a SeaweedFS started here
+on 127.0.0.1; the data is a generated shapes data set (train and val) plus a second one, stored in
+the bucket, for the finetune step; the "pretrained" weights are this run's own random
+initialisation saved to a local file (no download), which fetch_weights verifies and stores like any
+other source. The model is Cascade Mask R-CNN R50-FPN with narrow layers and small inputs
+(DEMO_OPTS), so every step finishes in seconds to a minute on two cores.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from pipelines.training import CompileOptions, build_pipeline
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "Misc" / "cascade_mask_rcnn_R_50_FPN_1x.yaml"
+BUCKET = "cascade-rcnn-demo"
+# The detectron2 parity fixture's narrow R50-FPN (1/4 of the widths) on small images, with fewer
+# proposals and ROI samples. From a random initialisation it needs trainable BN in every stage and
+# gradient clipping; with frozen random stages it diverges within a few iterations.
+DEMO_OPTS = [
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.RESNETS.WIDTH_PER_GROUP", "16",
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.BACKBONE.FREEZE_AT", "0",
+    "MODEL.FPN.OUT_CHANNELS", "64",
+    "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "256",
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", "64",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "500",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "300",
+    "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)",
+    "INPUT.MAX_SIZE_TRAIN", "192",
+    "INPUT.MIN_SIZE_TEST", "128",
+    "INPUT.MAX_SIZE_TEST", "192",
+    "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
+    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "5.0",
+    "SOLVER.CHECKPOINT_PERIOD", "100",
+    "SEED", "3",
+]  # fmt: skip
+
+
+@dataclass
+class LocalSettings:
+    """Sizes of a local run; the defaults are the demo's (a few minutes on two cores)."""
+
+    iterations: int = 300
+    finetune_iterations: int = 60
+    train_images: int = 48
+    val_images: int = 12
+    finetune_images: int = 16
+    batch: int = 4
+    learning_rate: float = 0.02
+    finetune_learning_rate: float = 0.01
+    min_size: int = 128
+    max_size: int = 192
+
+
+@dataclass
+class LocalRun:
+    """What a local run left: the S3 root, kfp.local's folder of this run, and each step's output
+    artifacts ({task: {output name: {"uri": local path, "metadata": {...}}}})."""
+
+    root: str
+    run_dir: Path
+    outputs: dict[str, dict[str, dict]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def metadata(self, task: str, output: str) -> dict:
+        return self.outputs[task][output]["metadata"]
+
+    def local_path(self, task: str, output: str) -> Path:
+        return Path(self.outputs[task][output]["uri"])
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables (inherited by kfp.local's subprocesses) and restore them after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def demo_opts(settings: LocalSettings) -> list[str]:
+    warmup = max(1, min(50, settings.iterations // 4))
+    return [*DEMO_OPTS, "SOLVER.WARMUP_ITERS", str(warmup)]
+
+
+def write_seed_weights(path: Path, opts: list[str]) -> str:
+    """A randomly initialised model of the demo config saved as our checkpoint; returns its sha256."""
+    import torch
+
+    from cascade_rcnn import storage
+    from cascade_rcnn.checkpoint import save_checkpoint
+    from cascade_rcnn.config import load_config
+    from cascade_rcnn.modeling import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(str(DEMO_CONFIG), opts)
+    model = build_model(cfg)
+    save_checkpoint(str(path), model.state_dict(), {"source": "random initialisation (run-local)"})
+    return storage.sha256_file(path)
+
+
+def _read_outputs(run_dir: Path) -> dict[str, dict[str, dict]]:
+    outputs: dict[str, dict[str, dict]] = {}
+    for executor_output in sorted(run_dir.glob("*/executor_output.json")):
+        data = json.loads(executor_output.read_text())
+        arts = {}
+        for name, entry in data.get("artifacts", {}).items():
+            first = entry["artifacts"][0]
+            arts[name] = {"uri": first.get("uri", ""), "metadata": first.get("metadata", {})}
+        outputs[executor_output.parent.name] = arts
+    return outputs
+
+
+def pipeline_arguments(
+    root: str, data_dir: Path, weights: Path, weights_sha256: str, finetune_data: str, settings: LocalSettings
+) -> dict[str, Any]:
+    return {
+        "root": root,
+        "data_source": str(data_dir),
+        "dataset_name": "shapes",
+        "weights": str(weights),
+        "weights_sha256": weights_sha256,
+        "config": str(DEMO_CONFIG),
+        "config_opts": demo_opts(settings),
+        "iterations": settings.iterations,
+        "learning_rate": settings.learning_rate,
+        "batch_per_device": settings.batch,
+        "accelerator_count": 1,
+        "device": "cpu",
+        "amp": False,
+        "finetune": True,
+        "finetune_data": finetune_data,
+        "finetune_iterations": settings.finetune_iterations,
+        "finetune_learning_rate": settings.finetune_learning_rate,
+    }
+
+
+def run_local(
+    workdir: Path, settings: Optional[LocalSettings] = None, server: Any = None, bucket: str = BUCKET
+) -> LocalRun:
+    """Run the pipeline under `workdir` (its data/, kfp/ and s3/ are replaced), with everything it
+    stores under s3://<bucket>/.
+
+    server: a running cascade_rcnn.local_s3.SeaweedServer to use (the bucket must not exist yet);
+    without one, a SeaweedFS is started for the run and stopped after it.
+    """
+    import kfp.local
+
+    from cascade_rcnn import storage
+    from cascade_rcnn.data.shapes import make_shapes
+    from cascade_rcnn.local_s3 import start_seaweedfs
+
+    settings = settings or LocalSettings()
+    workdir = Path(workdir).resolve()
+    for sub in ("data", "finetune-data", "kfp", "s3", "workspace", "weights"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+
+    data_dir = workdir / "data"
+    sizes = dict(min_size=settings.min_size, max_size=settings.max_size)
+    make_shapes(str(data_dir), num_train=settings.train_images, num_val=settings.val_images, seed=0, **sizes)
+    ft_dir = workdir / "finetune-data"
+    make_shapes(str(ft_dir), num_train=settings.finetune_images, num_val=1, seed=1, **sizes)
+    opts = demo_opts(settings)
+    weights = workdir / "weights" / "random-init.pth"
+    weights_sha256 = write_seed_weights(weights, opts)
+
+    own_server = server is None
+    if own_server:
+        # Default keys and kept data, so `python -m cascade_rcnn.local_s3 --data <workdir>/s3` serves
+        # the run's bucket again afterwards.
+        server = start_seaweedfs(workdir / "s3", remove_data=False)
+    try:
+        with environment(server.env()):
+            _create_bucket(server, bucket)
+            root = f"s3://{bucket}/cascade-rcnn"
+            finetune_data = f"s3://{bucket}/finetune-data"
+            storage.upload_tree(str(ft_dir), finetune_data, progress=False)
+            kfp.local.init(
+                runner=kfp.local.SubprocessRunner(use_venv=False),
+                pipeline_root=str(workdir / "kfp"),
+                workspace_root=str(workdir / "workspace"),
+                raise_on_error=True,
+            )
+            # kfp.local honours retries, with their minutes of backoff: a local failure should show at once.
+            pipeline = build_pipeline(CompileOptions(train_retries=0))
+            log.info("running %s locally under %s", pipeline.name, workdir)
+            pipeline(**pipeline_arguments(root, data_dir, weights, weights_sha256, finetune_data, settings))
+            (run_dir,) = [p for p in (workdir / "kfp").iterdir() if p.is_dir() and not p.name.startswith(".")]
+            run = LocalRun(root, run_dir, _read_outputs(run_dir))
+            # Read while the server is up: the caller may print them after it is gone.
+            eval_uri = run.metadata("evaluate", "metrics")["output_uri"]
+            run.outputs["evaluate"]["metrics"]["metrics_json"] = json.loads(
+                storage.get_bytes(storage.join(eval_uri, "metrics.json"))
+            )
+    finally:
+        if own_server:
+            server.close()
+    run.seconds = time.monotonic() - start
+    return run
+
+
+def _create_bucket(server: Any, bucket: str) -> None:
+    import boto3
+
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=bucket)
+
+
+def summary(run: LocalRun, s3_data: Optional[Path] = None) -> str:
+    """The metrics table and where the reports are."""
+    from cascade_rcnn.evaluation import format_table
+
+    metrics = run.outputs["evaluate"]["metrics"]["metrics_json"]
+    eval_uri = run.metadata("evaluate", "metrics")["output_uri"]
+    lines = [
+        f"local pipeline run finished in {run.seconds / 60:.1f} min",
+        "",
+        format_table(metrics),
+        "",
+        f"HTML report: {run.local_path('evaluate', 'report')}",
+        f"Markdown table: {run.local_path('evaluate', 'table')}",
+        f"evaluation files: {eval_uri}/",
+        f"trained model: {run.metadata('train', 'model')['checkpoint_uri']}",
+        f"fine-tuned model: {run.metadata('finetune', 'model')['checkpoint_uri']}",
+    ]
+    if s3_data is not None:
+        lines.append(f"(serve the bucket again: python -m cascade_rcnn.local_s3 --data {s3_data})")
+    return "\n".join(lines)

@@ -1,0 +1,247 @@
+"""The pipeline `cascade-mask-rcnn-training`: ingest_coco -> fetch_weights -> train -> evaluate ->
+finetune (behind the `finetune` switch).
+
+Two kinds of settings:
+- pipeline parameters (chosen per run, listed in `build_pipeline`): data, root, config, schedule,
+  accelerator type and count, ...; their defaults reproduce the 8-NPU reference recipe
+  (16 images per NPU = 128 per step, base LR 0.2, 22500 iterations, LR steps at 15000 and 20000,
+  AMP);
+- compile options (`CompileOptions`: fixed in the compiled YAML): images, node selector,
+  toleration, /dev/shm size, timeout, retries, CPU/memory, the S3 Secret's key names. KFP cannot take
+  these from run parameters (the kfp-kubernetes node selector, toleration, emptyDir and timeout take
+  constants).
+
+The accelerator type and count are run parameters: kfp >= 2.10 compiles them as placeholders that
+the KFP backend (2.4 and later) resolves when it creates the pod.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from kfp import compiler, dsl, kubernetes
+
+from components import evaluate, fetch_weights, finetune, ingest_coco, train
+
+PIPELINE_NAME = "cascade-mask-rcnn-training"
+COMPILED = Path(__file__).resolve().parent / "compiled" / "cascade_mask_rcnn_training.yaml"
+DEFAULT_CONFIG = "configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml"
+DEFAULT_WEIGHTS = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+STEP_NAMES = ("ingest-coco", "fetch-weights", "train", "evaluate", "finetune")
+# Secret key -> environment variable. The credentials must be there; endpoint and region may be
+# left out of the Secret (then the images' defaults, i.e. AWS itself, apply).
+REQUIRED_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+OPTIONAL_SECRET_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+
+
+def package_version() -> str:
+    """The package version, which images/build.sh uses as the default image tag."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cascade-rcnn")
+    except PackageNotFoundError:
+        return "latest"
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What the compiled YAML fixes. Images are `<registry>/cascade-rcnn-<cpu|ascend>:<tag>`, as
+    images/build.sh names them; ingest, weights and evaluate run on the CPU image, train and finetune
+    on the accelerator image (the CPU image too with accelerator=False, for clusters without NPUs)."""
+
+    registry: str = "localhost"
+    tag: str = field(default_factory=package_version)
+    accelerator: bool = True
+    accelerator_image: str = "ascend"
+    node_selector: dict[str, str] = field(default_factory=lambda: {"accelerator": "huawei-Ascend910"})
+    tolerations: tuple[str, ...] = ("huawei.com/Ascend910",)  # taint keys tolerated (Exists, NoSchedule)
+    shm_size: str = "64Gi"
+    train_timeout_s: int = 3 * 24 * 3600
+    train_retries: int = 3
+    cpu_request: str = "32"
+    memory_request: str = "128Gi"
+    memory_limit: str = "256Gi"
+    # env var -> key in the S3 Secret; the Secret's name is the run parameter s3_secret.
+    secret_keys: dict[str, str] = field(
+        default_factory=lambda: {k: k for k in (*REQUIRED_SECRET_ENV, *OPTIONAL_SECRET_ENV)}
+    )
+
+    def image(self, target: str) -> str:
+        return f"{self.registry.rstrip('/')}/cascade-rcnn-{target}:{self.tag}"
+
+    @property
+    def cpu_image(self) -> str:
+        return self.image("cpu")
+
+    @property
+    def train_image(self) -> str:
+        return self.image(self.accelerator_image if self.accelerator else "cpu")
+
+    def replace(self, **changes) -> "CompileOptions":
+        return dataclasses.replace(self, **changes)
+
+
+def _with_s3_secret(task: dsl.PipelineTask, secret: Any, opts: CompileOptions):
+    required = {opts.secret_keys[e]: e for e in REQUIRED_SECRET_ENV if e in opts.secret_keys}
+    optional = {opts.secret_keys[e]: e for e in OPTIONAL_SECRET_ENV if e in opts.secret_keys}
+    kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=required)
+    if optional:
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=optional, optional=True)
+    return task
+
+
+def _on_accelerators(task: dsl.PipelineTask, accelerator_type, accelerator_count, opts: CompileOptions):
+    """Resources, placement, /dev/shm, timeout and retries of a training step."""
+    if opts.accelerator:
+        task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
+        for key, value in opts.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for key in opts.tolerations:
+            kubernetes.add_toleration(task, key=key, operator="Exists", effect="NoSchedule")
+    task.set_cpu_request(opts.cpu_request)
+    task.set_memory_request(opts.memory_request).set_memory_limit(opts.memory_limit)
+    # DataLoader workers hand batches over in shared memory; a container's /dev/shm is 64 MiB.
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=opts.shm_size
+    )
+    kubernetes.set_timeout(task, opts.train_timeout_s)
+    if opts.train_retries > 0:
+        # A retry resumes from the output prefix's last checkpoint (the prefix is the run's, not the pod's).
+        task.set_retry(
+            num_retries=opts.train_retries,
+            backoff_duration="60s",
+            backoff_factor=2.0,
+            backoff_max_duration="3600s",
+        )
+    return task
+
+
+def build_pipeline(opts: Optional[CompileOptions] = None):
+    """The pipeline function (a kfp GraphComponent) for these compile options."""
+    opts = opts or CompileOptions()
+    ingest_op = ingest_coco.build(opts.cpu_image)
+    weights_op = fetch_weights.build(opts.cpu_image)
+    train_op = train.build(opts.train_image)
+    evaluate_op = evaluate.build(opts.cpu_image)
+    finetune_op = finetune.build(opts.train_image)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="COCO ingest, pretrained weights, Cascade Mask R-CNN training on accelerators, "
+        "COCO evaluation with reports, optional fine-tuning. Artifacts live under `root`.",
+    )
+    def cascade_mask_rcnn_training(
+        root: str,
+        data_source: str = "coco-official",
+        dataset_name: str = "coco2017",
+        splits: list = ["train2017", "val2017"],  # noqa: B006 (kfp reads the default from here)
+        max_images: int = 0,
+        weights: str = DEFAULT_WEIGHTS,
+        weights_sha256: str = "",
+        config: str = DEFAULT_CONFIG,
+        config_opts: list = [],  # noqa: B006
+        iterations: int = 22500,
+        learning_rate: float = 0.2,
+        batch_per_device: int = 16,
+        accelerator_type: str = "huawei.com/Ascend910",
+        accelerator_count: int = 8,
+        device: str = "auto",
+        amp: bool = True,
+        eval_split: str = "val2017",
+        eval_max_images: int = 0,
+        finetune: bool = False,
+        finetune_data: str = "",
+        finetune_iterations: int = 2000,
+        finetune_learning_rate: float = 0.02,
+        finetune_opts: list = [],  # noqa: B006
+        run_id: str = "",
+        s3_secret: str = "cascade-rcnn-s3",
+    ):
+        """root: s3://bucket/prefix for data sets, weights and runs (`<root>/runs/<run id>/`).
+        run_id: empty uses the KFP run's id; reuse an id to resume a run's training in a new run."""
+        job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+
+        ingest_task = ingest_op(
+            source=data_source, root=root, name=dataset_name, splits=splits, max_images=max_images
+        ).set_display_name("ingest COCO")
+        _with_s3_secret(ingest_task, s3_secret, opts)
+
+        weights_task = weights_op(source=weights, sha256=weights_sha256, root=root)
+        weights_task.set_display_name("fetch weights").after(ingest_task)
+        _with_s3_secret(weights_task, s3_secret, opts)
+
+        train_task = train_op(
+            dataset=ingest_task.outputs["dataset"],
+            weights=weights_task.outputs["model"],
+            config=config,
+            root=root,
+            run_id=run_id,
+            job_id=job_id,
+            iterations=iterations,
+            learning_rate=learning_rate,
+            batch_per_device=batch_per_device,
+            # One process per accelerator. (Not named accelerator_count: kfp adds task inputs named
+            # after the resource fields set from parameters, which would overwrite it.)
+            nproc_per_node=accelerator_count,
+            accelerator=accelerator_type,
+            device=device,
+            amp=amp,
+            config_opts=config_opts,
+        ).set_display_name("train")
+        _on_accelerators(train_task, accelerator_type, accelerator_count, opts)
+        _with_s3_secret(train_task, s3_secret, opts)
+
+        eval_task = evaluate_op(
+            dataset=ingest_task.outputs["dataset"],
+            model=train_task.outputs["model"],
+            config=config,
+            root=root,
+            run_id=run_id,
+            job_id=job_id,
+            split=eval_split,
+            max_images=eval_max_images,
+            device=device,
+            config_opts=config_opts,
+        ).set_display_name("evaluate")
+        kubernetes.empty_dir_mount(
+            eval_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="8Gi"
+        )
+        _with_s3_secret(eval_task, s3_secret, opts)
+
+        with dsl.If(finetune == True, name="finetune-enabled"):  # noqa: E712 (builds a kfp condition)
+            finetune_task = finetune_op(
+                dataset=ingest_task.outputs["dataset"],
+                base_model=train_task.outputs["model"],
+                data=finetune_data,
+                config=config,
+                root=root,
+                run_id=run_id,
+                job_id=job_id,
+                iterations=finetune_iterations,
+                learning_rate=finetune_learning_rate,
+                batch_per_device=batch_per_device,
+                nproc_per_node=accelerator_count,
+                # Recorded in the Model; passing it also makes kfp hand the parameter to the condition's
+                # DAG, which the accelerator type placeholder needs (kfp does not do that on its own).
+                accelerator=accelerator_type,
+                device=device,
+                amp=amp,
+                config_opts=config_opts,
+                finetune_opts=finetune_opts,
+            ).set_display_name("finetune")
+            # Fine-tune once the trained model has been evaluated, so the steps read in order.
+            finetune_task.after(eval_task)
+            _on_accelerators(finetune_task, accelerator_type, accelerator_count, opts)
+            _with_s3_secret(finetune_task, s3_secret, opts)
+
+    return cascade_mask_rcnn_training
+
+
+def compile_pipeline(output: Union[str, Path] = COMPILED, opts: Optional[CompileOptions] = None) -> Path:
+    """Compile to `output` (YAML); returns its path."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline_func=build_pipeline(opts), package_path=str(output))
+    return output
