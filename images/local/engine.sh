@@ -57,7 +57,7 @@ install_podman() {
     fi
     say "installing ${missing[*]} (apt)"
     apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends podman runc >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc >&2
 }
 
 write_config() {
