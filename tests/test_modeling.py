@@ -377,6 +377,7 @@ def test_losses_are_named_and_finite_with_bitmasks_too():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.slow
 def test_overfitting_two_images_decreases_the_losses():
     torch.manual_seed(0)
     # Fewer proposals and RoIs than the fixture config keep this fast; the code path is the same.
