@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -93,8 +92,3 @@ class Conv2d(nn.Conv2d):
         if self.activation is not None:
             x = self.activation(x)
         return x
-
-
-def cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
-    """torch.cat that skips the copy for a single tensor."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
