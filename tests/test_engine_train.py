@@ -140,6 +140,7 @@ def test_kill_and_resume_s3_is_exact(shapes, uninterrupted, tmp_path, s3_env):
 # - Equal-size images (square shapes, one train size) so batching pads nothing differently, and no aspect
 #   grouping, so rank r gets stream items r, r+2, ... exactly the pairs the single process batches.
 # Augmentations are seeded by stream position, so both runs flip the same images.
+# The launcher gives each of the 2 workers one thread (as torchrun does); the single process keeps two.
 
 DDP = [
     *FAST,
@@ -153,7 +154,7 @@ DDP = [
     "DATALOADER.ASPECT_RATIO_GROUPING", "False",
     "SOLVER.BASE_LR", "0.02",
     "SOLVER.WARMUP_ITERS", "0",
-    "SOLVER.MAX_ITER", "3",
+    "SOLVER.MAX_ITER", "2",
     "SOLVER.CHECKPOINT_PERIOD", "1000",
 ]  # fmt: skip
 
@@ -173,7 +174,7 @@ def test_two_process_ddp_matches_one_process(square_shapes, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_ok(cli("train", square_shapes, one, DDP), tmp_path / "one.txt")
     text = run_ok(cli("train", square_shapes, two, DDP, "--nproc-per-node", "2"), tmp_path / "two.txt")
-    assert "starting 2 workers" in text and "img/s" in text
+    assert "starting 2 workers" in text and "img/s" in text and "OMP_NUM_THREADS=1" in text
 
     start = load_weights(WEIGHTS)
     w1, w2 = final_weights(one, tmp_path), final_weights(two, tmp_path)
@@ -228,3 +229,54 @@ def test_finetune_to_other_classes_reinitializes_only_class_layers(shapes, tmp_p
     frozen += [k for k in model if k.endswith(("running_mean", "running_var"))]
     assert frozen and all(torch.equal(model[k], start[k].to(model[k].dtype)) for k in frozen)
     assert ckpt["trainer"]["iteration"] == 0  # a fresh schedule: one iteration was trained
+
+
+# ---- learning: from scratch on the shapes set, then COCO AP through --eval-after ----
+#
+# Measured (torch 2.14.1, 2-core x86 CPU): after these 100 iterations box AP 14.1 and mask AP 21.2 on the
+# 16 validation images; a random initialization scores ~0. The thresholds leave room for the numeric
+# drift of another CPU.
+LEARN = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.WEIGHTS", "",
+    "MODEL.RESNETS.NORM", "BN",  # trainable BN and no frozen stage: random features need normalizing
+    "MODEL.BACKBONE.FREEZE_AT", "0",
+    "MODEL.PIXEL_STD", "[57.375,57.12,58.395]",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)",
+    "INPUT.MAX_SIZE_TRAIN", "192",
+    "INPUT.MIN_SIZE_TEST", "128",
+    "INPUT.MAX_SIZE_TEST", "192",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "500",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "300",
+    "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
+    "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.IMS_PER_BATCH", "4",
+    "SOLVER.BASE_LR", "0.02",
+    "SOLVER.WARMUP_ITERS", "50",
+    "SOLVER.STEPS", "(240,)",
+    "SOLVER.MAX_ITER", "100",
+    "SOLVER.CHECKPOINT_PERIOD", "1000",
+    "SEED", "3",
+]  # fmt: skip
+MIN_BOX_AP, MIN_MASK_AP = 7.0, 10.0
+
+
+@pytest.mark.slow
+def test_training_from_scratch_learns_shapes(tmp_path):
+    from cascade_rcnn.data.shapes import make_shapes
+
+    data = tmp_path / "shapes"
+    make_shapes(str(data), num_train=64, num_val=16, seed=0, min_size=128, max_size=160)
+    out = str(tmp_path / "out")
+    text = run_ok(
+        cli("train", str(data), out, LEARN, "--val-split", "val2017", "--eval-after"), tmp_path / "log.txt"
+    )
+    assert "iter: 99" in text
+    metrics = json.loads((Path(out) / "eval" / "metrics.json").read_text())
+    assert metrics["bbox"]["AP"] > MIN_BOX_AP, metrics["bbox"]
+    assert metrics["segm"]["AP"] > MIN_MASK_AP, metrics["segm"]
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [19, 39, 59, 79, 99]
+    assert rows[-1]["loss_mask"] < 0.5 < rows[0]["loss_mask"]

@@ -96,6 +96,10 @@ def launch_elastic(job: TrainJob, nproc_per_node: int) -> str | None:
         )
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = _env_int("MASTER_PORT", 0) or _free_port()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # As torchrun: N workers with a full thread pool each would oversubscribe the node's cores.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        log.info("OMP_NUM_THREADS=1 for each worker (set it to override), as torchrun does")
     # The agent sets RANK/WORLD_SIZE/LOCAL_RANK for each worker; a pod's own values would mislead them.
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         os.environ.pop(key, None)

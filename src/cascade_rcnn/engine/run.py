@@ -9,6 +9,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .. import storage
@@ -198,7 +199,10 @@ def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
                 info.world_size,
             )
 
-    staging = tempfile.mkdtemp(prefix="cascade-rcnn-metrics-")
+    # An s3:// output gets its metrics files staged locally and copied at checkpoint time.
+    staging = (
+        tempfile.mkdtemp(prefix="cascade-rcnn-metrics-") if storage.is_s3(job.output) and info.is_main else ""
+    )
     metrics = MetricsWriter(job.output, staging, start_iter, enabled=info.is_main)
     meta = {
         "config": cfg.dump(),
@@ -258,6 +262,13 @@ def run_worker(job: TrainJob) -> str | None:
     cfg = load_config(job.config, job.opts)
     accel = accelerator_from_cfg(cfg, info.local_rank)
     accel.set_device()
+    if accel.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
+    if int(cfg.TEST.EVAL_PERIOD) > 0:
+        log.warning(
+            "TEST.EVAL_PERIOD=%d: periodic evaluation is not supported; use --eval-after",
+            cfg.TEST.EVAL_PERIOD,
+        )
     init_process_group(info, accel)
     try:
         final = train(cfg, job, accel, info)

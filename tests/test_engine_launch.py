@@ -1,0 +1,59 @@
+"""Command-line parsing, process layout from the environment, and batch splitting."""
+
+from __future__ import annotations
+
+import pytest
+
+from cascade_rcnn.engine.distributed import DistInfo
+from cascade_rcnn.engine.launch import build_parser, job_from_args
+from cascade_rcnn.engine.run import batch_per_device
+
+
+def test_batch_per_device_splits_the_global_batch():
+    assert batch_per_device(16, 8) == 2
+    assert batch_per_device(4, 1) == 4
+    with pytest.raises(
+        ValueError, match="SOLVER.IMS_PER_BATCH=6 must be a positive multiple of the world size 4"
+    ):
+        batch_per_device(6, 4)
+
+
+def test_dist_info_from_torchrun_environment(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert DistInfo.from_env() == DistInfo(0, 0, 1)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = DistInfo.from_env()
+    assert (info.rank, info.local_rank, info.world_size, info.is_main) == (5, 1, 8, False)
+    monkeypatch.setenv("RANK", "8")
+    with pytest.raises(ValueError, match="RANK=8 is outside WORLD_SIZE=8"):
+        DistInfo.from_env()
+
+
+def test_train_and_finetune_arguments():
+    args = build_parser("train").parse_args(
+        ["--config", "c.yaml", "--data", "s3://b/coco", "--output", "s3://b/run", "--nproc-per-node", "8",
+         "--opts", "SOLVER.MAX_ITER", "10", "SEED", "3"]
+    )  # fmt: skip
+    job = job_from_args("train", args)
+    assert (job.config, job.data, job.output) == ("c.yaml", "s3://b/coco", "s3://b/run")
+    assert (
+        job.opts == ["SOLVER.MAX_ITER", "10", "SEED", "3"] and not job.finetune and job.init_weights is None
+    )
+    assert args.nproc_per_node == 8
+
+    with pytest.raises(SystemExit):  # finetune needs --weights
+        build_parser("finetune").parse_args(["--config", "c", "--data", "d", "--output", "o"])
+    args = build_parser("finetune").parse_args(
+        ["--config", "c", "--data", "d", "--output", "o", "--weights", "w.pkl"]
+    )
+    job = job_from_args("finetune", args)
+    assert job.finetune and job.init_weights == "w.pkl"
+
+    args = build_parser("train").parse_args(
+        ["--config", "c", "--data", "d", "--output", "o", "--opts", "SEED"]
+    )
+    with pytest.raises(SystemExit, match="KEY VALUE pairs"):
+        job_from_args("train", args)
