@@ -233,9 +233,9 @@ def test_finetune_to_other_classes_reinitializes_only_class_layers(shapes, tmp_p
 
 # ---- learning: from scratch on the shapes set, then COCO AP through --eval-after ----
 #
-# Measured (torch 2.14.1, 2-core x86 CPU): after these 100 iterations box AP 14.1 and mask AP 21.2 on the
-# 16 validation images; a random initialization scores ~0. The thresholds leave room for the numeric
-# drift of another CPU.
+# Measured (torch 2.14.1, 2-core x86 CPU): after these 100 iterations box AP 25.9 and mask AP 19.9 on the
+# 16 validation images; a random initialization scores ~0. The thresholds (about half) leave room for the
+# numeric drift of another CPU.
 LEARN = [
     "MODEL.DEVICE", "cpu",
     "MODEL.WEIGHTS", "",
@@ -256,11 +256,14 @@ LEARN = [
     "SOLVER.BASE_LR", "0.02",
     "SOLVER.WARMUP_ITERS", "50",
     "SOLVER.STEPS", "(240,)",
+    "SOLVER.CLIP_GRADIENTS.ENABLED", "True",  # from scratch, an unlucky batch can otherwise blow up
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
+    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "5.0",
     "SOLVER.MAX_ITER", "100",
     "SOLVER.CHECKPOINT_PERIOD", "1000",
     "SEED", "3",
 ]  # fmt: skip
-MIN_BOX_AP, MIN_MASK_AP = 7.0, 10.0
+MIN_BOX_AP, MIN_MASK_AP = 12.0, 9.0
 
 
 @pytest.mark.slow

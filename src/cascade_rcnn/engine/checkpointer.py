@@ -72,7 +72,7 @@ class Checkpointer:
         keep = self.keep_last - (1 if _PERIODIC.search(just_saved) else 0)
         for name in names[: max(0, len(names) - keep)]:
             storage.delete(self.uri(name))
-            log.info("removed old checkpoint %s (SOLVER.CHECKPOINTS_KEPT=%d)", self.uri(name), self.keep_last)
+            log.info("removed old checkpoint %s (--keep-checkpoints %d)", self.uri(name), self.keep_last)
 
     def list_periodic(self) -> list[str]:
         """Names of the periodic checkpoints present, oldest first."""

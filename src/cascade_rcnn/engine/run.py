@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -292,4 +293,9 @@ def evaluate_after(cfg, job: TrainJob, weights: str) -> None:
 def setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     level = logging.INFO if rank == "0" else logging.WARNING
-    logging.basicConfig(level=level, format=f"[%(asctime)s r{rank} %(name)s] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level,
+        format=f"[%(asctime)s r{rank} %(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
