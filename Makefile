@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint unit clean
+.PHONY: venv demo test lint unit test-containers clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,14 @@ unit: $(STAMP)
 
 test: lint unit
 
+# The whole pipeline (ingest, weights, train, evaluate, finetune) under kfp.local on CPU, against a
+# SeaweedFS it starts on 127.0.0.1, on a generated shapes data set.
 demo: $(STAMP)
-	$(PY) -m cascade_rcnn.demo
+	$(PY) -m pipelines run-local
+
+# Components in the cpu image through kfp.local's DockerRunner (podman serving the Docker API).
+test-containers: $(STAMP)
+	bash images/local/test-containers.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache demo_out
