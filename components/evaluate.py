@@ -30,7 +30,7 @@ def evaluate(
 
     from cascade_rcnn import storage
     from cascade_rcnn.config import load_config
-    from cascade_rcnn.evaluation import evaluate_checkpoint, format_table, kfp_metrics
+    from cascade_rcnn.evaluation import evaluate_checkpoint, kfp_metrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     output = storage.join(root, "runs", run_id or job_id, "eval")
@@ -51,7 +51,6 @@ def evaluate(
         f.write(storage.get_bytes(storage.join(output, "report.md")))
     with open(report.path, "wb") as f:
         f.write(storage.get_bytes(storage.join(output, "report.html")))
-    print(format_table(results))
 
 
 def build(base_image: str) -> PythonComponent:

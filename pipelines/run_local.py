@@ -62,8 +62,8 @@ DEMO_OPTS = [
 class LocalSettings:
     """Sizes of a local run; the defaults are the demo's (a few minutes on two cores)."""
 
-    iterations: int = 300
-    finetune_iterations: int = 60
+    iterations: int = 240
+    finetune_iterations: int = 40
     train_images: int = 48
     val_images: int = 12
     finetune_images: int = 16
@@ -76,10 +76,11 @@ class LocalSettings:
 
 @dataclass
 class LocalRun:
-    """What a local run left: the S3 root, kfp.local's folder of this run, and each step's output
-    artifacts ({task: {output name: {"uri": local path, "metadata": {...}}}})."""
+    """What a local run left: the S3 root, the work directory (with report.html and report.md),
+    kfp.local's folder of this run, and each step's output artifacts ({task: {output name: {"uri": local path, "metadata": {...}}}})."""
 
     root: str
+    workdir: Path
     run_dir: Path
     outputs: dict[str, dict[str, dict]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -153,6 +154,7 @@ def pipeline_arguments(
         "iterations": settings.iterations,
         "learning_rate": settings.learning_rate,
         "batch_per_device": settings.batch,
+        "accelerator_type": "cpu",  # recorded in the Models; kfp.local ignores resource requests
         "accelerator_count": 1,
         "device": "cpu",
         "amp": False,
@@ -160,6 +162,7 @@ def pipeline_arguments(
         "finetune_data": finetune_data,
         "finetune_iterations": settings.finetune_iterations,
         "finetune_learning_rate": settings.finetune_learning_rate,
+        "finetune_opts": ["SOLVER.WARMUP_ITERS", str(max(1, settings.finetune_iterations // 4))],
     }
 
 
@@ -182,6 +185,8 @@ def run_local(
     workdir = Path(workdir).resolve()
     for sub in ("data", "finetune-data", "kfp", "s3", "workspace", "weights"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
+    for name in ("report.html", "report.md"):
+        (workdir / name).unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
 
@@ -216,7 +221,10 @@ def run_local(
             log.info("running %s locally under %s", pipeline.name, workdir)
             pipeline(**pipeline_arguments(root, data_dir, weights, weights_sha256, finetune_data, settings))
             (run_dir,) = [p for p in (workdir / "kfp").iterdir() if p.is_dir() and not p.name.startswith(".")]
-            run = LocalRun(root, run_dir, _read_outputs(run_dir))
+            run = LocalRun(root, workdir, run_dir, _read_outputs(run_dir))
+            # KFP names artifact files after the outputs; copies with extensions open in a browser.
+            shutil.copyfile(run.local_path("evaluate", "report"), workdir / "report.html")
+            shutil.copyfile(run.local_path("evaluate", "table"), workdir / "report.md")
             # Read while the server is up: the caller may print them after it is gone.
             eval_uri = run.metadata("evaluate", "metrics")["output_uri"]
             run.outputs["evaluate"]["metrics"]["metrics_json"] = json.loads(
@@ -253,8 +261,9 @@ def summary(run: LocalRun, s3_data: Optional[Path] = None) -> str:
         "",
         format_table(metrics),
         "",
-        f"HTML report: {run.local_path('evaluate', 'report')}",
-        f"Markdown table: {run.local_path('evaluate', 'table')}",
+        f"HTML report: {run.workdir / 'report.html'}",
+        f"Markdown table: {run.workdir / 'report.md'}",
+        f"kfp.local's outputs of each step: {run.run_dir}",
         f"evaluation files: {eval_uri}/",
         f"trained model: {run.metadata('train', 'model')['checkpoint_uri']}",
         f"fine-tuned model: {run.metadata('finetune', 'model')['checkpoint_uri']}",

@@ -95,8 +95,9 @@ def test_evaluation_metrics_and_reports(local_run, s3_env, tmp_path):
     assert "<table" in html and "mask" in html
     table = run.local_path("evaluate", "table").read_text()
     assert "| task | AP | AP50 |" in table and "| mask |" in table
+    assert (run.workdir / "report.html").read_text() == html
     text = summary(run)
-    assert "HTML report: " in text and "segm |" in text
+    assert f"HTML report: {run.workdir / 'report.html'}" in text and "segm |" in text
 
 
 def test_second_ingest_transfers_nothing(local_run, s3_env):
