@@ -19,11 +19,12 @@ python=${PYTHON:-$root/.venv/bin/python}
 
 timings=()
 step() {
-    local name=$1 start=$SECONDS
+    local name=$1 start=$SECONDS rc=0
     shift
     echo "==> $name" >&2
-    "$@"
-    timings+=("$(printf '%-8s %4d s' "$name" $((SECONDS - start)))")
+    "$@" || rc=$?
+    timings+=("$(printf '%-8s %4d s%s' "$name" $((SECONDS - start)) "$([ $rc = 0 ] || echo " (failed: $rc)")")")
+    return $rc
 }
 report() {
     local rc=$?
