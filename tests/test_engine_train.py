@@ -168,6 +168,7 @@ def square_shapes(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(square_shapes, tmp_path):
     from cascade_rcnn.checkpoint import load_weights
 
