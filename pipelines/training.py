@@ -7,15 +7,14 @@ Two kinds of settings:
   (16 images per NPU = 128 per step, base LR 0.2, 22500 iterations, LR steps at 15000 and 20000,
   AMP);
 - compile options (`CompileOptions`: fixed in the compiled YAML): images, node selector,
-  toleration, /dev/shm size, timeout, retries, CPU/memory, the S3 Secret's key names. KFP cannot take
-  these from run parameters (the kfp-kubernetes node selector, toleration, emptyDir and timeout take
-  constants).
+  toleration, /dev/shm size, timeout, retries, CPU/memory, the S3 Secret's key names. kfp-kubernetes
+  takes only constants for the emptyDir and the timeout; the others describe the cluster rather than a
+  run, so they sit with them.
 
 The accelerator type and count are run parameters: kfp >= 2.10 compiles them as placeholders that
 the KFP backend (2.4 and later) resolves when it creates the pod.
 """
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -29,8 +28,8 @@ COMPILED = Path(__file__).resolve().parent / "compiled" / "cascade_mask_rcnn_tra
 DEFAULT_CONFIG = "configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml"
 DEFAULT_WEIGHTS = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 STEP_NAMES = ("ingest-coco", "fetch-weights", "train", "evaluate", "finetune")
-# Secret key -> environment variable. The credentials must be there; endpoint and region may be
-# left out of the Secret (then the images' defaults, i.e. AWS itself, apply).
+# Environment variables the steps read from the S3 Secret. The credentials must be in it; endpoint
+# and region may be left out (then boto3's defaults, i.e. AWS itself, apply).
 REQUIRED_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_SECRET_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
@@ -78,9 +77,6 @@ class CompileOptions:
     @property
     def train_image(self) -> str:
         return self.image(self.accelerator_image if self.accelerator else "cpu")
-
-    def replace(self, **changes) -> "CompileOptions":
-        return dataclasses.replace(self, **changes)
 
 
 def _with_s3_secret(task: dsl.PipelineTask, secret: Any, opts: CompileOptions):
