@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `pipelines` and `components` live at the repository root
-    sys.path.insert(0, str(REPO))
 
 from pipelines.cli import main as cli_main  # noqa: E402
 from pipelines.params import (  # noqa: E402

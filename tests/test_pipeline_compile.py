@@ -3,15 +3,12 @@ placement, credentials only by Secret reference, images from the compile options
 
 import re
 import secrets
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `pipelines` and `components` live at the repository root
-    sys.path.insert(0, str(REPO))
 
 from pipelines.cli import main as cli_main  # noqa: E402
 from pipelines.training import COMPILED, STEP_NAMES, CompileOptions, compile_pipeline  # noqa: E402

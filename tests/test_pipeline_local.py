@@ -3,7 +3,6 @@ iterations): every step's outputs are in the bucket and pass their checksums, th
 reports exist, and ingesting the same source again transfers nothing."""
 
 import json
-import sys
 import uuid
 from pathlib import Path
 
@@ -11,8 +10,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `pipelines` and `components` live at the repository root
-    sys.path.insert(0, str(REPO))
 
 from cascade_rcnn import storage  # noqa: E402
 from pipelines.run_local import LocalSettings, run_local, summary  # noqa: E402
