@@ -25,7 +25,6 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO, Union
 
 import numpy as np
@@ -768,27 +767,14 @@ def save_checkpoint(
     payload = {"model": _check_plain(dict(model_state), "model"), "meta": meta}
     payload.update(_check_plain(extra, "extra"))
 
-    if _is_remote(uri):
-        from cascade_rcnn import storage
+    # storage writes atomically on both backends (temp + rename locally, one PUT or a completed
+    # multipart upload on S3) and honours the umask, unlike mkstemp's 0600.
+    from cascade_rcnn import storage
 
-        with tempfile.TemporaryDirectory(prefix="cascade_rcnn_ckpt_") as tmp:
-            local = os.path.join(tmp, "checkpoint.pth")
-            torch.save(payload, local)
-            storage.put_file(local, uri)
-    else:
-        path = Path(_local_path(uri))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
-            raise
+    with tempfile.TemporaryDirectory(prefix="cascade_rcnn_ckpt_") as tmp:
+        local = os.path.join(tmp, "checkpoint.pth")
+        torch.save(payload, local)
+        storage.put_file(local, uri)
     logger.info("Saved checkpoint %s (%d tensors)", uri, len(model_state))
     return uri
 
