@@ -18,10 +18,8 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -229,24 +227,10 @@ def predict_files(
 
 
 def write_json(records: list[dict], uri: str) -> None:
-    """Write `records` to a local path (atomically) or an s3:// URI."""
-    data = json.dumps(records).encode()
-    if "://" in uri and not uri.startswith("file://"):
-        from cascade_rcnn import storage
+    """Write `records` to a local path or an s3:// URI (atomically; local files follow the umask)."""
+    from cascade_rcnn import storage
 
-        storage.put_bytes(data, uri)
-        return
-    path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    storage.put_bytes(json.dumps(records).encode(), uri)
 
 
 def _parser() -> argparse.ArgumentParser:
