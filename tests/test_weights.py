@@ -235,3 +235,16 @@ def test_cli(weights_server, tmp_path, capsys):
     assert printed["uri"] == str(out) and printed["format"] == "d2" and out.exists()
     assert main([f"detectron2://{D2_ZOO}", "--output", str(out), "--sha256", "0" * 64]) == 1
     assert "expected " + "0" * 64 in capsys.readouterr().err
+
+
+def test_model_weights_url_is_downloaded_once_into_the_cache(weights_server, tmp_path, monkeypatch):
+    # MODEL.WEIGHTS detectron2://... works as in detectron2: fetched once, then read from the cache.
+    from cascade_rcnn.checkpoint import load_weights
+
+    monkeypatch.setenv("CASCADE_RCNN_CACHE", str(tmp_path / "cache"))
+    _, model = d2_pickle()
+    for _ in range(2):
+        weights = load_weights(f"detectron2://{D2_ZOO}")
+        assert weights.format == "d2" and sorted(weights.state) == sorted(model)
+    assert len(weights_server.requests_for(f"/detectron2/{D2_ZOO}")) == 1
+    assert list((tmp_path / "cache" / "weights").iterdir())

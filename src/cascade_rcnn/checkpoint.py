@@ -185,10 +185,17 @@ class _Fetched:
             if not os.path.isfile(path):
                 raise CheckpointError(f"weights file not found: {path}")
             return path
+        if self.uri.startswith(("detectron2://", "torchvision://", "http://", "https://")):
+            from cascade_rcnn import weights
+
+            try:
+                return str(weights.download(self.uri))
+            except weights.WeightsError as e:
+                raise CheckpointError(f"cannot fetch weights {self.uri}: {e}") from e
         if not self.uri.startswith("s3://"):
             raise CheckpointError(
-                f"{self.uri}: unsupported URI scheme; use a local path, file:// or s3:// "
-                "(fetch detectron2:// and http(s) weights first with `cascade-rcnn fetch-weights`)"
+                f"{self.uri}: unsupported URI scheme; use a local path, file://, s3://, http(s)://, "
+                "detectron2:// or torchvision://"
             )
         from cascade_rcnn import storage
 

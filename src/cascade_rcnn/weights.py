@@ -145,6 +145,28 @@ def _fetch(resolved: ResolvedSource, cache: Path, sha256: str | None) -> tuple[P
     return result.path, result.sha256
 
 
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CASCADE_RCNN_CACHE", Path.home() / ".cache" / "cascade_rcnn")) / "weights"
+
+
+def download(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local copy of a detectron2://, torchvision://, http(s):// or s3:// weights file, kept in the cache.
+
+    This lets `MODEL.WEIGHTS detectron2://...` work as in detectron2; a partial download resumes.
+    """
+    resolved = resolve_source(source)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    local, digest = _fetch(resolved, cache, None)
+    if resolved.hash_prefix and not digest.startswith(resolved.hash_prefix):
+        local.unlink(missing_ok=True)
+        raise WeightsError(
+            f"{resolved.location}: sha256 is {digest}, but the file name promises a hash starting with "
+            f"{resolved.hash_prefix}"
+        )
+    return local
+
+
 def _to_d2_names(state: dict, fmt: str) -> dict:
     if fmt != "c2":
         return state
