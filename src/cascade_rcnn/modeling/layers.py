@@ -35,16 +35,6 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
             x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
         )
 
-    def fold_into(self, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """Conv (C_out, ...) weight and optional (C_out,) bias with this norm applied after it folded in."""
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        if bias is not None:
-            shift = shift + bias * scale
-        return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.dtype), shift.to(
-            weight.dtype
-        )
-
     @classmethod
     def convert_frozen_batchnorm(cls, module: nn.Module) -> nn.Module:
         """Replace every BatchNorm2d/SyncBatchNorm in `module` by a FrozenBatchNorm2d with its values."""
@@ -82,11 +72,7 @@ def make_norm(norm: str, channels: int) -> Optional[nn.Module]:
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d followed by an optional norm (`self.norm`) and activation.
-
-    A FrozenBatchNorm2d norm is folded into the conv (same map up to float rounding: parity with
-    detectron2 stays ~1e-4 px on boxes, ~1e-6 on scores).
-    """
+    """nn.Conv2d followed by an optional norm (`self.norm`) and activation."""
 
     def __init__(
         self,
@@ -100,15 +86,9 @@ class Conv2d(nn.Conv2d):
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.norm, FrozenBatchNorm2d):
-            # A frozen norm is a per-channel affine map: fold it into the conv's weight and bias
-            # (O(weight) work per call) instead of a separate full pass over the activation.
-            weight, bias = self.norm.fold_into(self.weight, self.bias)
-            x = self._conv_forward(x, weight, bias)
-        else:
-            x = self._conv_forward(x, self.weight, self.bias)
-            if self.norm is not None:
-                x = self.norm(x)
+        x = self._conv_forward(x, self.weight, self.bias)
+        if self.norm is not None:
+            x = self.norm(x)
         if self.activation is not None:
             x = self.activation(x)
         return x
