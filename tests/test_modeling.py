@@ -391,7 +391,9 @@ def test_overfitting_two_images_decreases_the_losses():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     history = []
-    for _ in range(25):
+    # 35 steps: at 25 the mask loss was only just past 0.8x its start, so any change in float
+    # rounding (e.g. the activation memory format) could tip it.
+    for _ in range(35):
         losses = model(data)
         total = sum(losses.values())
         opt.zero_grad()

@@ -230,6 +230,10 @@ class CascadeROIHeads(nn.Module):
             out.append(LabeledBoxes(b, gt_classes, gt_boxes, matched_idxs))
         return out
 
+    def _pooler_inputs(self, features: dict[str, Tensor]) -> list[Tensor]:
+        # RoIAlign kernels want NCHW-contiguous maps; convert channels-last ones once, not per call.
+        return [features[f].contiguous() for f in self.in_features]
+
     def _run_stage(self, features: list[Tensor], boxes: list[Tensor], stage: int) -> tuple[Tensor, Tensor]:
         x = self.box_pooler(features, boxes)
         if self.training:
@@ -258,7 +262,7 @@ class CascadeROIHeads(nn.Module):
         image_sizes: list[tuple[int, int]],
         targets: list[Targets],
     ) -> dict[str, Tensor]:
-        feats = [features[f] for f in self.in_features]
+        feats = self._pooler_inputs(features)
         sampled = self.label_and_sample_proposals(proposals, targets)
         labeled = sampled
         losses: dict[str, Tensor] = {}
@@ -278,12 +282,10 @@ class CascadeROIHeads(nn.Module):
                     self._next_stage_boxes(k, deltas, boxes, image_sizes), k + 1, targets
                 )
         if self.mask_head is not None:
-            losses["loss_mask"] = self._mask_loss(features, sampled, targets)
+            losses["loss_mask"] = self._mask_loss(feats, sampled, targets)
         return losses
 
-    def _mask_loss(
-        self, features: dict[str, Tensor], sampled: list[LabeledBoxes], targets: list[Targets]
-    ) -> Tensor:
+    def _mask_loss(self, feats: list[Tensor], sampled: list[LabeledBoxes], targets: list[Targets]) -> Tensor:
         """Mask loss on stage 0's foreground proposals (not the refined boxes)."""
         fg_boxes, fg_classes, gt_masks = [], [], []
         for s, t in zip(sampled, targets):
@@ -291,7 +293,7 @@ class CascadeROIHeads(nn.Module):
             fg_boxes.append(s.boxes[fg])
             fg_classes.append(s.gt_classes[fg])
             gt_masks.append((t, s.gt_index[fg], s.boxes[fg]))
-        x = self.mask_pooler([features[f] for f in self.in_features], fg_boxes)
+        x = self.mask_pooler(feats, fg_boxes)
         logits = self.mask_head(x)
         mask_size = logits.shape[-1]
         targets_fg = [
@@ -309,7 +311,7 @@ class CascadeROIHeads(nn.Module):
     def inference(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> list[RoiPredictions]:
-        feats = [features[f] for f in self.in_features]
+        feats = self._pooler_inputs(features)
         counts = [len(p) for p in proposals]
         boxes = proposals
         probs_sum: Optional[Tensor] = None
