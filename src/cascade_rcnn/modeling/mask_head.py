@@ -48,6 +48,12 @@ class MaskRCNNConvUpsampleHead(nn.Sequential):
         self.predictor = nn.Conv2d(conv_dim, 1 if cls_agnostic else num_classes, kernel_size=1)
         normal_fill(self.predictor, std=0.001)
 
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":
+            # As for the backbone: NHWC convolutions are ~1.5x faster here on pooled 14x14 maps.
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
     @classmethod
     def from_config(cls, cfg, in_channels: int) -> MaskRCNNConvUpsampleHead:
         m = cfg.MODEL.ROI_MASK_HEAD
