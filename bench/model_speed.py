@@ -9,6 +9,10 @@ freshly initialized (MODEL.WEIGHTS is not loaded unless --weights is given).
 
 train_step_s: median seconds of forward + backward + SGD step at --batch images per step.
 infer_s_per_image: median seconds of one eval-mode forward at batch 1 (postprocessing included).
+
+With --flops, one extra untimed call of each is counted with torch's FlopCounterMode and the JSON
+gets *_gflop and the achieved *_gflop_per_s. The rate compares runs across machines; the FLOPs
+also show how much of the work depends on how many proposals a random model happens to keep.
 """
 
 from __future__ import annotations
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tune glibc malloc to keep freed activations mapped (see keep_freed_memory)",
     )
+    p.add_argument("--flops", action="store_true", help="also count FLOPs (see above)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-infer", action="store_true")
     p.add_argument(
@@ -185,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         result["infer_all_s"] = [round(t, 4) for t in times]
         result["infer_cpu_s_per_image"] = statistics.median(cpu)
         result["detections_per_image"] = state["dets"]
+        if args.flops:
+            _add_flops(result, "infer", infer, result["infer_s_per_image"])
         if args.profile:
             _profile(infer, args.profile, "inference")
 
@@ -220,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         result["train_step_cpu_s"] = statistics.median(cpu)
         result["last_total_loss"] = state["loss"]
         result["lr"] = args.lr
+        if args.flops:
+            _add_flops(result, "train_step", train_step, result["train_step_s"])
         if args.profile:
             _profile(train_step, args.profile, "train step")
 
@@ -227,6 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
     return 0
+
+
+def _add_flops(result: dict, name: str, fn, seconds: float) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    gflop = counter.get_total_flops() / 1e9
+    result[f"{name}_gflop"] = round(gflop, 2)
+    result[f"{name}_gflop_per_s"] = round(gflop / seconds, 1)
 
 
 def _profile(fn, top: int, what: str) -> None:
