@@ -264,7 +264,10 @@ LEARN = [
     "SOLVER.CHECKPOINT_PERIOD", "1000",
     "SEED", "3",
 ]  # fmt: skip
-MIN_BOX_AP, MIN_MASK_AP = 12.0, 9.0
+# 100 iterations from scratch are chaotic: scaling one RoIAlign gradient by (1 + 1e-6) moved box AP
+# from 9.1 to 24.8 for one seed. Over 12 runs (5 seeds, 3 numerically different builds) box AP was
+# 9.1-24.8 and mask AP 4.5-23.8; an untrained model scores about 0. The bounds sit below that range.
+MIN_BOX_AP, MIN_MASK_AP = 6.0, 3.0
 
 
 @pytest.mark.slow

@@ -253,6 +253,28 @@ def test_threaded_roi_align_matches_torchvision():
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("aligned", "sampling_ratio"), [(True, 0), (False, 0), (True, 2), (False, 3)])
+def test_cpu_roi_align_backward_matches_torchvision(monkeypatch, aligned, sampling_ratio):
+    from cascade_rcnn.modeling import poolers
+
+    g = torch.Generator().manual_seed(1)
+    shape = (2, 8, 40, 48)
+    # Boxes partly or wholly outside the map, thin, inverted (negative size) and huge.
+    xy = torch.rand(300, 2, generator=g) * 260 - 40
+    wh = torch.rand(300, 2, generator=g) * 120 - 4
+    rois = torch.cat([torch.randint(0, 2, (300, 1), generator=g).float(), xy, xy + wh], dim=1)
+    grad_out = torch.randn(300, 8, 7, 7, generator=g)
+    expected = torch.ops.torchvision._roi_align_backward(
+        grad_out, rois, 0.25, 7, 7, *shape, sampling_ratio, aligned
+    )
+    got = poolers.roi_align_backward_cpu(grad_out, rois, 0.25, sampling_ratio, aligned, shape)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    # Many small chunks give the same sums.
+    monkeypatch.setattr(poolers, "_BACKWARD_CHUNK_ELEMENTS", 2000)
+    chunked = poolers.roi_align_backward_cpu(grad_out, rois, 0.25, sampling_ratio, aligned, shape)
+    torch.testing.assert_close(chunked, expected, atol=2e-5, rtol=1e-5)
+
+
 # ---- masks --------------------------------------------------------------------------------------
 
 
