@@ -13,6 +13,10 @@ infer_s_per_image: median seconds of one eval-mode forward at batch 1 (postproce
 With --flops, one extra untimed call of each is counted with torch's FlopCounterMode and the JSON
 gets *_gflop and the achieved *_gflop_per_s. The rate compares runs across machines; the FLOPs
 also show how much of the work depends on how many proposals a random model happens to keep.
+
+machine_sgemm_gflop_per_s is the best of five 4096^3 float32 matmuls on the same threads, taken
+before the model runs: the most this machine delivered at that moment. Reference figures taken
+elsewhere compare through it (skip with --no-calibrate).
 """
 
 from __future__ import annotations
@@ -98,6 +102,18 @@ def _timed(fn, iters: int, warmup: int) -> tuple[list[float], list[float], list[
     return wall, cpu, faults
 
 
+def sgemm_rate(n: int = 4096, tries: int = 5) -> float:
+    """Best GFLOP/s of an n x n x n float32 matmul on torch's current threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(tries):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return round(best, 1)
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc malloc to reuse freed blocks up to 32 MiB instead of unmapping them.
 
@@ -134,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         help="tune glibc malloc to keep freed activations mapped (see keep_freed_memory)",
     )
     p.add_argument("--flops", action="store_true", help="also count FLOPs (see above)")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the sgemm probe")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-infer", action="store_true")
     p.add_argument(
@@ -168,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         "keep_freed_memory": malloc_tuned,
         "torch": torch.__version__,
     }
+    if not args.no_calibrate:
+        result["machine_sgemm_gflop_per_s"] = sgemm_rate()
 
     # Inference first, on the freshly initialized (or loaded) weights, so that training steps on
     # random data do not change what it measures.
