@@ -171,7 +171,12 @@ class SeaweedServer:
         return data[-nbytes:].decode("utf-8", "replace")
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        """Block until a signed ListBuckets call succeeds; raise SeaweedError if the process dies."""
+        """Block until S3 answers and stored data reads back; raise SeaweedError if the process dies.
+
+        After a restart on an existing data dir the S3 gateway lists objects before the volume
+        server has re-registered its volumes, and reads fail with InternalError meanwhile; so
+        readiness also reads the first byte of one object per bucket.
+        """
         import boto3
         from botocore.config import Config
 
@@ -198,9 +203,14 @@ class SeaweedServer:
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                client.list_buckets()
+                for bucket in client.list_buckets().get("Buckets", []):
+                    listed = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents", [])
+                    if listed:
+                        first = listed[0]
+                        extra = {"Range": "bytes=0-0"} if first.get("Size", 0) > 0 else {}
+                        client.get_object(Bucket=bucket["Name"], Key=first["Key"], **extra)["Body"].read()
                 return
-            except Exception as exc:  # not listening yet, or IAM not loaded yet
+            except Exception as exc:  # not listening yet, IAM or volumes not loaded yet
                 last = exc
                 time.sleep(0.2)
         raise SeaweedError(
