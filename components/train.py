@@ -38,38 +38,23 @@ def train(
     import json
 
     from cascade_rcnn import storage
-    from cascade_rcnn.engine.launch import main_for
+    from cascade_rcnn.engine.pipeline_step import run_training_step
 
-    manifest = dataset.metadata["manifest_uri"]
-    init = weights.metadata["checkpoint_uri"]
-    output = storage.join(root, "runs", run_id or job_id, "train")
-    steps = f"({round(iterations * 2 / 3)}, {round(iterations * 8 / 9)})"
-    opts = [
-        "MODEL.DEVICE", device,
-        "MODEL.WEIGHTS", init,
-        "SOLVER.MAX_ITER", str(iterations),
-        "SOLVER.STEPS", steps,
-        "SOLVER.BASE_LR", str(learning_rate),
-        "SOLVER.IMS_PER_BATCH", str(batch_per_device * nproc_per_node),
-        "SOLVER.AMP.ENABLED", str(bool(amp)),
-        *[str(x) for x in config_opts],
-    ]  # fmt: skip
-    argv = ["--config", config, "--data", manifest, "--output", output]
-    argv += ["--nproc-per-node", str(nproc_per_node), "--opts", *opts]
-    print("cascade-rcnn train " + " ".join(argv), flush=True)
-    if main_for("train", argv) != 0:
-        raise RuntimeError(f"training into {output} failed")
-    final = storage.join(output, "model_final.pth")
-    info = {
-        "checkpoint_uri": final,
-        "output_uri": output,
-        "source": init,
-        "sha256": storage.head(final).sha256,
-        "format": "cascade_rcnn",
-        "iterations": iterations,
-        "accelerator": f"{nproc_per_node} x {accelerator}",
-        "config": config,
-    }
+    info = run_training_step(
+        "train",
+        config=config,
+        data=dataset.metadata["manifest_uri"],
+        init=weights.metadata["checkpoint_uri"],
+        output=storage.join(root, "runs", run_id or job_id, "train"),
+        iterations=iterations,
+        learning_rate=learning_rate,
+        batch_per_device=batch_per_device,
+        nproc_per_node=nproc_per_node,
+        accelerator=accelerator,
+        device=device,
+        amp=amp,
+        opts=config_opts,
+    )
     model.metadata.update(info)
     with open(model.path, "w") as f:
         json.dump(info, f, indent=1)
