@@ -206,7 +206,7 @@ def run_local(
         server = start_seaweedfs(workdir / "s3", remove_data=False)
     try:
         with environment(server.env()):
-            _create_bucket(server, bucket)
+            server.client().create_bucket(Bucket=bucket)
             root = f"s3://{bucket}/cascade-rcnn"
             finetune_data = f"s3://{bucket}/finetune-data"
             storage.upload_tree(str(ft_dir), finetune_data, progress=False)
@@ -235,19 +235,6 @@ def run_local(
             server.close()
     run.seconds = time.monotonic() - start
     return run
-
-
-def _create_bucket(server: Any, bucket: str) -> None:
-    import boto3
-
-    client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=bucket)
 
 
 def summary(run: LocalRun, s3_data: Optional[Path] = None) -> str:

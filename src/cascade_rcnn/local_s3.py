@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,19 @@ class SeaweedServer:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
+    def client(self, config: Any = None) -> Any:
+        """A boto3 S3 client signed with this server's keys (`config`: a botocore Config)."""
+        import boto3
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=config,
+        )
+
     def _command(self) -> list[str]:
         cmd = [self.weed, "-logtostderr", f"-config_dir={self._scratch}", "mini", f"-dir={self.weed_dir}"]
         cmd += _REQUIRED_FLAGS + _DISABLED_FLAGS
@@ -177,21 +191,15 @@ class SeaweedServer:
         server has re-registered its volumes, and reads fail with InternalError meanwhile; so
         readiness also reads the first byte of one object per bucket.
         """
-        import boto3
         from botocore.config import Config
 
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name="us-east-1",
-            config=Config(
+        client = self.client(
+            Config(
                 retries={"max_attempts": 1, "mode": "standard"},
                 connect_timeout=2,
                 read_timeout=5,
                 s3={"addressing_style": "path"},
-            ),
+            )
         )
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -335,18 +343,8 @@ def main(argv: list[str] | None = None) -> int:
 
     server = start_seaweedfs(args.data, args.access_key, args.secret_key, remove_data=args.remove)
     try:
-        if args.bucket:
-            import boto3
-
-            client = boto3.session.Session().client(
-                "s3",
-                endpoint_url=server.endpoint_url,
-                aws_access_key_id=server.access_key,
-                aws_secret_access_key=server.secret_key,
-                region_name="us-east-1",
-            )
-            for bucket in args.bucket:
-                client.create_bucket(Bucket=bucket)
+        for bucket in args.bucket:
+            server.client().create_bucket(Bucket=bucket)
         for key, value in server.env().items():
             print(f"export {key}={value}", flush=True)
         # Serve until Ctrl+C / SIGTERM or until the server dies on its own.
