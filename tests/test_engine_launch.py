@@ -57,3 +57,21 @@ def test_train_and_finetune_arguments():
     )
     with pytest.raises(SystemExit, match="KEY VALUE pairs"):
         job_from_args("train", args)
+
+
+def test_output_defaults_to_the_configs_output_dir(tmp_path):
+    from pathlib import Path
+
+    config = str(
+        Path(__file__).resolve().parents[1] / "configs" / "Misc" / "cascade_mask_rcnn_R_50_FPN_1x.yaml"
+    )
+    base = ["--config", config, "--data", "d"]
+    job = job_from_args("train", build_parser("train").parse_args(base))
+    assert job.output == "./output"  # detectron2's default OUTPUT_DIR
+    args = build_parser("train").parse_args([*base, "--opts", "OUTPUT_DIR", str(tmp_path / "run")])
+    assert job_from_args("train", args).output == str(tmp_path / "run")
+    args = build_parser("train").parse_args([*base, "--output", "s3://b/r", "--opts", "OUTPUT_DIR", "x"])
+    assert job_from_args("train", args).output == "s3://b/r"  # --output wins
+    args = build_parser("train").parse_args([*base, "--opts", "OUTPUT_DIR", ""])
+    with pytest.raises(SystemExit, match="OUTPUT_DIR is empty"):
+        job_from_args("train", args)

@@ -19,6 +19,7 @@ from cascade_rcnn import storage
 from cascade_rcnn.evaluation.cli import main
 from cascade_rcnn.evaluation.coco_eval import load_metrics_json
 
+pytestmark = pytest.mark.usefixtures("d2_parity")
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "d2_parity"
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 3, "name": "square"}, {"id": 7, "name": "triangle"}]
 GT_SCORE = 0.5
@@ -123,6 +124,15 @@ def test_cli_prints_table(parity_coco, tmp_path, capsys):
     assert not (tmp_path / "out" / "report.html").exists()
     results = json.loads((tmp_path / "out" / "coco_instances_results.json").read_text())
     assert {r["image_id"] for r in results} == {1, 2}
+
+
+def test_cli_output_defaults_to_output_dir_inference(parity_coco, tmp_path):
+    root, _ = parity_coco
+    argv = _args(str(root), "unused", "OUTPUT_DIR", str(tmp_path / "run"), "--max-images", "1", "--no-report")
+    i = argv.index("--output")
+    del argv[i : i + 2]
+    assert main(argv) == 0
+    assert (tmp_path / "run" / "inference" / "metrics.json").is_file()
 
 
 def test_cli_reads_and_writes_s3(parity_coco, s3_env, local_run):

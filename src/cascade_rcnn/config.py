@@ -3,7 +3,8 @@
 The key names and defaults are detectron2's (`config/defaults.py`), restricted to what a
 Cascade Mask R-CNN with a ResNet-FPN backbone uses, so a model-zoo YAML loads unchanged.
 Keys we add are marked "ours". Any key not declared here is an error that names the key and
-the file it came from: a typo must never silently fall back to a default.
+the file it came from: a typo must never silently fall back to a default. Keys that detectron2
+defines but we do not implement (NOT_IMPLEMENTED) load only at their defaults.
 """
 
 from __future__ import annotations
@@ -272,14 +273,83 @@ def get_cfg() -> CfgNode:
     return CfgNode(_defaults())
 
 
+# Keys that exist so that detectron2's YAML files load, but whose feature this implementation does not
+# have. Any value other than the default is an error naming the key (a detectron2 user who sets one
+# expects it to act). Keys whose feature a *value* switches off elsewhere (e.g. MODEL.KEYPOINT_ON,
+# ROI_BOX_HEAD.USE_FED_LOSS) are refused where the model reads them; these are read nowhere.
+NOT_IMPLEMENTED: dict[str, str] = {
+    "VERSION": "only version-2 configs are read; detectron2 upgrades older ones, we do not",
+    "MODEL.RESNETS.DEFORM_MODULATED": "deformable convolutions are not implemented",
+    "MODEL.RESNETS.DEFORM_NUM_GROUPS": "deformable convolutions are not implemented",
+    "MODEL.ANCHOR_GENERATOR.ANGLES": "rotated anchors (RotatedAnchorGenerator) are not implemented",
+    "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS": (
+        "CascadeROIHeads takes one set per stage from MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS"
+    ),
+    "MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER": "the federated loss is not implemented",
+    "MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES": "the federated loss is not implemented",
+    "INPUT.CROP.ENABLED": "random cropping is not implemented",
+    "INPUT.CROP.TYPE": "random cropping is not implemented",
+    "INPUT.CROP.SIZE": "random cropping is not implemented",
+    "DATASETS.PROPOSAL_FILES_TRAIN": "precomputed proposals are not implemented",
+    "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN": "precomputed proposals are not implemented",
+    "DATASETS.PROPOSAL_FILES_TEST": "precomputed proposals are not implemented",
+    "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST": "precomputed proposals are not implemented",
+    "DATALOADER.SAMPLER_TRAIN": "only TrainingSampler is implemented",
+    "DATALOADER.REPEAT_THRESHOLD": "RepeatFactorTrainingSampler is not implemented",
+    "DATALOADER.REPEAT_SQRT": "RepeatFactorTrainingSampler is not implemented",
+    "SOLVER.BASE_LR_END": "only WarmupMultiStepLR is implemented (BASE_LR_END is WarmupCosineLR's)",
+    "SOLVER.NUM_DECAYS": "only WarmupMultiStepLR is implemented (NUM_DECAYS is WarmupStepWithFixedGammaLR's)",
+    "SOLVER.RESCALE_INTERVAL": "only WarmupMultiStepLR is implemented (RESCALE_INTERVAL is WarmupStepWithFixedGammaLR's)",
+    "SOLVER.REFERENCE_WORLD_SIZE": (
+        "automatic rescaling of the batch, LR and schedule to the world size is not implemented; "
+        "set SOLVER.IMS_PER_BATCH, BASE_LR, MAX_ITER and STEPS for the run"
+    ),
+    "TEST.EXPECTED_RESULTS": "checking results against expected values is not implemented",
+    "TEST.KEYPOINT_OKS_SIGMAS": "keypoints are not implemented",
+    "TEST.AUG.ENABLED": "test-time augmentation is not implemented",
+    "TEST.AUG.MIN_SIZES": "test-time augmentation is not implemented",
+    "TEST.AUG.MAX_SIZE": "test-time augmentation is not implemented",
+    "TEST.AUG.FLIP": "test-time augmentation is not implemented",
+    "TEST.PRECISE_BN.ENABLED": "precise BN is not implemented",
+    "TEST.PRECISE_BN.NUM_ITER": "precise BN is not implemented",
+    "FLOAT32_PRECISION": "setting torch's float32 matmul precision is not implemented",
+    "VIS_PERIOD": "training visualizations are not implemented",
+    "GLOBAL.HACK": "not used",
+}
+
+
+def get_key(cfg: dict, key: str) -> Any:
+    """The value of the dotted `key` in `cfg`."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_supported(cfg: CfgNode, source: str = "config") -> None:
+    """ConfigError listing every NOT_IMPLEMENTED key whose value is not the default."""
+    defaults = get_cfg()
+    problems = []
+    for key, why in NOT_IMPLEMENTED.items():
+        value, default = get_key(cfg, key), get_key(defaults, key)
+        if _plain(value) != _plain(default):
+            problems.append(f"{key}={value!r} is not supported: {why} (leave it at {default!r})")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
 def load_config(
     path: str | os.PathLike, opts: Iterable[str] | None = None, *, freeze: bool = False
 ) -> CfgNode:
-    """Defaults, then `path` (after its `_BASE_` chain), then `KEY VALUE` pairs from `opts`."""
+    """Defaults, then `path` (after its `_BASE_` chain), then `KEY VALUE` pairs from `opts`.
+
+    A key in NOT_IMPLEMENTED set to anything but its default is a ConfigError (check_supported).
+    """
     cfg = get_cfg()
     merge_file_into(cfg, Path(path))
     if opts:
         merge_opts_into(cfg, list(opts), "command line")
+    check_supported(cfg, f"{path}{' with the command-line overrides' if opts else ''}")
     return cfg.freeze() if freeze else cfg
 
 

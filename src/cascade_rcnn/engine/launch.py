@@ -39,7 +39,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--data", required=True, help="COCO-layout root (local or s3://) or an ingest manifest URI"
     )
-    p.add_argument("--output", required=True, help="output folder or s3:// prefix (checkpoints, metrics)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="output folder or s3:// prefix (checkpoints, metrics); default: the config's OUTPUT_DIR",
+    )
     p.add_argument(
         "--nproc-per-node", type=int, default=None, help="worker processes on this node (one per device)"
     )
@@ -54,10 +58,17 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def job_from_args(command: str, args: argparse.Namespace) -> TrainJob:
     if len(args.opts) % 2:
         raise SystemExit(f"cascade-rcnn {command}: --opts needs KEY VALUE pairs, got {args.opts}")
+    output = args.output
+    if output is None:
+        from ..config import load_config
+
+        output = load_config(args.config, args.opts).OUTPUT_DIR  # as detectron2's trainers write there
+        if not output:
+            raise SystemExit(f"cascade-rcnn {command}: no --output and the config's OUTPUT_DIR is empty")
     return TrainJob(
         config=args.config,
         data=args.data,
-        output=args.output,
+        output=output,
         opts=list(args.opts),
         train_split=args.train_split,
         val_split=args.val_split,

@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="COCO-layout root (local or s3://) or an ingest manifest URI"
     )
     p.add_argument("--split", default="val2017", help="split folder or dataset name (default: val2017)")
-    p.add_argument("--output", required=True, help="where to write metrics and results (local or s3://)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="where to write metrics and results (local or s3://); default: OUTPUT_DIR/inference",
+    )
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     p.add_argument(
         "--report",
@@ -66,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.opts)
+        output = args.output
+        if output is None:
+            if not cfg.OUTPUT_DIR:
+                raise ValueError("no --output and the config's OUTPUT_DIR is empty")
+            from cascade_rcnn import storage
+
+            output = storage.join(cfg.OUTPUT_DIR, "inference")  # where detectron2's evaluators write
         info = DistInfo.from_env()
         if info.world_size > 1:
             accel = accelerator_from_cfg(cfg, info.local_rank)
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.weights,
                 args.data,
                 args.split,
-                args.output,
+                output,
                 max_images=args.max_images,
                 report=args.report,
                 use_fast=not args.pycocotools,
