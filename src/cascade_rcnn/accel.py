@@ -123,28 +123,79 @@ def import_torch_npu():
         ) from None
 
 
+def _parse(name: str) -> tuple[str, int | None]:
+    """MODEL.DEVICE as (base, explicit index or None); only syntax, no availability checks."""
+    text = str(name).strip().lower()
+    base, sep, index_text = text.partition(":")
+    if base not in ("auto", *BACKENDS):
+        raise AcceleratorError(f"MODEL.DEVICE must be auto, cpu, cuda[:N] or npu[:N]; got {name!r}")
+    if not sep:
+        return base, None
+    if not index_text.isdigit():
+        raise AcceleratorError(f"MODEL.DEVICE {name!r}: the device index must be a number (cuda:0, npu:3)")
+    if base == "auto":
+        raise AcceleratorError(f"MODEL.DEVICE {name!r}: auto takes no index; use cuda:N or npu:N")
+    index = int(index_text)
+    if base == "cpu" and index != 0:
+        raise AcceleratorError(f"MODEL.DEVICE {name!r}: there is one CPU device, cpu (or cpu:0)")
+    return base, index
+
+
 def resolve_device_type(name: str) -> str:
     """ "cpu" | "cuda" | "npu" from MODEL.DEVICE; "auto" picks npu, then cuda, then cpu.
 
     "auto" checks for torch_npu with find_spec, which does not import it.
     """
-    name = name.strip().lower()
-    base = name.split(":")[0]
+    base, _ = _parse(name)
     if base == "auto":
         if importlib.util.find_spec("torch_npu") is not None:
             import_torch_npu()
             if torch.npu.is_available():
                 return "npu"
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if base not in BACKENDS:
-        raise AcceleratorError(f"MODEL.DEVICE must be one of cpu, cuda, npu, auto; got {name!r}")
     if base == "cuda" and not torch.cuda.is_available():
-        raise AcceleratorError("MODEL.DEVICE is cuda but torch.cuda.is_available() is False")
+        raise AcceleratorError(f"MODEL.DEVICE is {name!r} but torch.cuda.is_available() is False")
     if base == "npu":
         import_torch_npu()
         if not torch.npu.is_available():
-            raise AcceleratorError("MODEL.DEVICE is npu but torch.npu.is_available() is False")
+            raise AcceleratorError(f"MODEL.DEVICE is {name!r} but torch.npu.is_available() is False")
     return base
+
+
+def resolve_accelerator(name: str, local_rank: int = 0, amp_dtype: torch.dtype | None = None) -> Accelerator:
+    """The one place that turns MODEL.DEVICE (auto, cpu, cuda[:N], npu[:N]) into this process's device.
+
+    Without an index, process `local_rank` gets device `local_rank` of the resolved type. An explicit
+    index names one device, so it is for a single process per node: with local_rank > 0 it is an error
+    (every worker on that device would be a silent slowdown, or an NCCL/HCCL hang).
+    """
+    base, index = _parse(name)
+    device_type = resolve_device_type(name)
+    if device_type == "cpu":
+        return Accelerator("cpu", None, amp_dtype)
+    if index is not None and local_rank > 0:
+        raise AcceleratorError(
+            f"MODEL.DEVICE {name!r} names one device but this is local rank {local_rank} of several "
+            f"processes; use {device_type} or auto to give each process its own device"
+        )
+    index = local_rank if index is None else index
+    count = _device_module(device_type).device_count()
+    if index >= count:
+        what = (
+            f"MODEL.DEVICE {name!r}"
+            if base != "auto"
+            else f"MODEL.DEVICE {name!r} (resolved to {device_type})"
+        )
+        raise AcceleratorError(
+            f"{what} needs {device_type}:{index} (local rank {local_rank}) but only {count} "
+            f"{device_type} device(s) are visible; fewer processes per node, or another index"
+        )
+    return Accelerator(device_type, index, amp_dtype)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch.device for MODEL.DEVICE in process `local_rank` (see resolve_accelerator)."""
+    return resolve_accelerator(name, local_rank).device
 
 
 def amp_dtype_from(enabled: bool, dtype_name: str) -> torch.dtype | None:
@@ -159,6 +210,5 @@ def amp_dtype_from(enabled: bool, dtype_name: str) -> torch.dtype | None:
 
 def accelerator_from_cfg(cfg, local_rank: int = 0) -> Accelerator:
     """The accelerator for MODEL.DEVICE and SOLVER.AMP, bound to device `local_rank`."""
-    device_type = resolve_device_type(str(cfg.MODEL.DEVICE))
     amp = amp_dtype_from(bool(cfg.SOLVER.AMP.ENABLED), cfg.SOLVER.AMP.DTYPE)
-    return Accelerator(device_type, amp_dtype=amp).with_index(local_rank)
+    return resolve_accelerator(str(cfg.MODEL.DEVICE), local_rank, amp)

@@ -147,7 +147,7 @@ def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
         " [from checkpoint]" if state else "",
     )
 
-    model = build_model(cfg).to(accel.device)
+    model = build_model(cfg, accel.device)  # this worker's device, not local rank 0's
     init_summary: dict = {}
     if state is not None:
         model.load_state_dict(state["model"])

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..accel import resolve_device
 from ..structures import Detections
 from .cascade_heads import CascadeROIHeads
 from .fpn import FPN
@@ -138,6 +139,12 @@ class CascadeMaskRCNN(nn.Module):
 
 
 def build_model(cfg, device: Optional[str | torch.device] = None) -> CascadeMaskRCNN:
-    """The model for `cfg` on `device` (default cfg.MODEL.DEVICE), randomly initialized."""
-    model = CascadeMaskRCNN.from_config(cfg)
-    return model.to(torch.device(device if device is not None else cfg.MODEL.DEVICE))
+    """The model for `cfg`, randomly initialized, on `device`.
+
+    device: a torch.device is used as is; a string, or None for cfg.MODEL.DEVICE, goes through
+    cascade_rcnn.accel.resolve_device (auto, cpu, cuda[:N], npu[:N]) as local rank 0. A process of a
+    multi-process run passes its own device (Accelerator.device) instead.
+    """
+    if not isinstance(device, torch.device):
+        device = resolve_device(str(cfg.MODEL.DEVICE if device is None else device))
+    return CascadeMaskRCNN.from_config(cfg).to(device)
