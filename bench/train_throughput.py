@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from cascade_rcnn.accel import Accelerator, amp_dtype_from, resolve_device_type
+from cascade_rcnn.accel import Accelerator, amp_dtype_from, resolve_accelerator
 from cascade_rcnn.config import load_config
 from cascade_rcnn.engine.solver import build_lr_scheduler, build_optimizer
 from cascade_rcnn.engine.trainer import Trainer
@@ -53,14 +53,14 @@ def synthetic_batch(rng: np.random.Generator, batch: int, h: int, w: int, num_cl
 
 
 def measure(
-    cfg, device_type: str, amp: bool, batch: int, iters: int, warmup: int, size: tuple[int, int]
+    cfg, device: Accelerator, amp: bool, batch: int, iters: int, warmup: int, size: tuple[int, int]
 ) -> dict:
     from cascade_rcnn.modeling import build_model
 
     dtype = cfg.SOLVER.AMP.DTYPE
-    if device_type == "cpu" and amp_dtype_from(True, dtype) == torch.float16:
+    if device.type == "cpu" and amp_dtype_from(True, dtype) == torch.float16:
         dtype = "bfloat16"  # CPU autocast has no loss scaling here; bf16 is what CPUs run fast
-    accel = Accelerator(device_type, amp_dtype=amp_dtype_from(amp, dtype)).with_index(0)
+    accel = Accelerator(device.type, device.index, amp_dtype_from(amp, dtype))
     accel.set_device()
     torch.manual_seed(0)
     model = build_model(cfg, device=accel.device)
@@ -101,14 +101,14 @@ def measure(
         "iter_time_s": step,
         "img_per_s": batch / step,
         "peak_mem_mb": accel.max_memory_allocated_mb(),
-        "peak_mem_kind": "process max RSS" if device_type == "cpu" else "max_memory_allocated",
+        "peak_mem_kind": "process max RSS" if device.type == "cpu" else "max_memory_allocated",
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--device", default="cpu", help="cpu | cuda | npu | auto")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda[:N] | npu[:N], as MODEL.DEVICE")
     p.add_argument("--batch", type=int, default=2, help="images per step (one device)")
     p.add_argument("--iters", type=int, default=10, help="measured iterations")
     p.add_argument("--warmup", type=int, default=3, help="iterations excluded from the timing")
@@ -122,16 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     cfg = load_config(args.config, args.opts)
-    device_type = resolve_device_type(args.device)
+    device = resolve_accelerator(args.device)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.amp]
     results = [
-        measure(cfg, device_type, amp, args.batch, args.iters, args.warmup, tuple(args.size)) for amp in modes
+        measure(cfg, device, amp, args.batch, args.iters, args.warmup, tuple(args.size)) for amp in modes
     ]
-    device_name = device_type
-    if device_type == "cuda":
-        device_name = torch.cuda.get_device_name(0)
-    elif device_type == "npu":
-        device_name = torch.npu.get_device_name(0)
+    device_name = device.type
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device.index)
+    elif device.type == "npu":
+        device_name = torch.npu.get_device_name(device.index)
     print(
         json.dumps(
             {

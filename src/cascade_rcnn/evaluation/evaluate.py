@@ -37,20 +37,31 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def load_model(cfg, weights: str, device: torch.device) -> torch.nn.Module:
-    """build_model(cfg) with `weights` (our checkpoint or detectron2's) loaded, in eval mode on `device`.
+def load_model(
+    cfg, weights: str, device: torch.device | None = None, *, thing_classes: Sequence[str] | None = None
+) -> torch.nn.Module:
+    """build_model(cfg) with `weights` (our checkpoint or detectron2's) loaded, in eval mode on `device`
+    (default: cfg.MODEL.DEVICE through cascade_rcnn.accel.resolve_device).
 
     Unlike training, evaluation refuses weights that leave model tensors missing or mismatched: the
     metrics of a partly random model (say, a NUM_CLASSES that differs from the checkpoint) are noise.
+    For the same reason, when `thing_classes` (the evaluated split's, in contiguous order) is given,
+    our checkpoints must have been trained on the same classes in the same order.
     """
     from cascade_rcnn.checkpoint import CheckpointError, load_pretrained
     from cascade_rcnn.modeling import build_model
 
-    model = build_model(cfg)
-    _, report = load_pretrained(model, cfg, weights)
+    model = build_model(cfg, device)
+    loaded, report = load_pretrained(model, cfg, weights)
     if report.missing or report.shape_mismatch:
         raise CheckpointError(f"{weights} does not fit the model of this config:\n{report.format()}")
-    return model.to(device).eval()
+    trained = loaded.meta.get("thing_classes")  # written by our trainer; absent from detectron2's files
+    if thing_classes is not None and trained and list(trained) != list(thing_classes):
+        raise CheckpointError(
+            f"{weights} was trained on the classes {list(trained)} but the evaluated data has "
+            f"{list(thing_classes)}: the class ids would not correspond"
+        )
+    return model.eval()
 
 
 def results_to_detections(
@@ -167,7 +178,7 @@ def evaluate_checkpoint(
         records = records[:max_images]
     logger.info("evaluating %s on %d images of %s (%s)", weights, len(records), split, annotations_uri)
 
-    model = load_model(cfg, weights, device)
+    model = load_model(cfg, weights, device, thing_classes=meta.thing_classes)
     loader = build_test_loader(
         cfg, records, rank=rank, world_size=world_size, pin_memory=device.type != "cpu"
     )
