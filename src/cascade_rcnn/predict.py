@@ -9,6 +9,10 @@ Output schema (the parity fixture's outputs.json, plus extra fields):
 [{"file_name", "path", "height", "width",
   "instances": [{"bbox_xyxy": [x0, y0, x1, y1], "score", "category",
                  "category_id"?, "category_name"?, "segmentation": {"size": [h, w], "counts": str}}]}]
+
+"category" is the model's contiguous class (0..K-1); "category_id" (the data set's category id, as
+in COCO results) and "category_name" come from --categories or from the training data set recorded
+in our checkpoints' meta (see `category_mapping`).
 """
 
 from __future__ import annotations
@@ -34,17 +38,6 @@ class PredictError(Exception):
     """Bad input to prediction (missing/unreadable image, bad categories file); names the file."""
 
 
-def _device_for(cfg: Any) -> torch.device:
-    from cascade_rcnn.accel import resolve_device_type
-
-    name = str(cfg.MODEL.DEVICE).strip().lower()
-    dev_type = resolve_device_type(name)
-    if dev_type == "cpu":
-        return torch.device("cpu")
-    index = int(name.split(":")[1]) if ":" in name else 0
-    return torch.device(dev_type, index)
-
-
 def _convert_channels(image: np.ndarray, src: str, dst: str) -> np.ndarray:
     """Reorder a HWC image between BGR and RGB; other formats must already match."""
     if src == dst:
@@ -62,12 +55,13 @@ class Predictor:
     """
 
     def __init__(self, cfg: Any, weights: Optional[str] = None, *, model: Optional[torch.nn.Module] = None):
+        from cascade_rcnn.accel import resolve_device
         from cascade_rcnn.data.transforms import resize_image, resize_shortest_edge_shape
         from cascade_rcnn.modeling import build_model
 
         self.cfg = cfg.clone()
-        self.device = _device_for(self.cfg)
-        self.model = model if model is not None else build_model(self.cfg)
+        self.device = resolve_device(self.cfg.MODEL.DEVICE)
+        self.model = model if model is not None else build_model(self.cfg, self.device)
         self.model.to(self.device).eval()
         self.weights = self.cfg.MODEL.WEIGHTS if weights is None else weights
         self.weights_meta: dict = {}
@@ -113,28 +107,43 @@ class Predictor:
 
 
 def category_mapping(
-    categories_file: Optional[str], meta: dict
+    categories_file: Optional[str], meta: dict, num_classes: Optional[int] = None, weights: str = ""
 ) -> tuple[Optional[list[int]], Optional[list[str]]]:
-    """Dataset category ids and names in contiguous order, from a COCO json or checkpoint meta.
+    """Dataset category ids and class names in contiguous order (class k -> ids[k], names[k]).
 
-    A COCO file's categories are sorted by id, as detectron2 maps them to 0..K-1. Checkpoint
-    meta may hold "category_ids" and "class_names" (written by our trainer).
+    From a COCO json's "categories" (sorted by id, as detectron2 maps them to 0..K-1) when given,
+    else from our checkpoint's meta: "dataset" (the training split's DatasetMeta.to_dict(), with
+    "thing_classes" and "thing_dataset_ids"), else its top-level "thing_classes" (names only).
+    Weights without either (detectron2's, torchvision's) give (None, None). `num_classes`, when
+    given, must match the number of categories, or the mapping would label detections wrongly.
     """
     if categories_file:
         try:
             with open(categories_file) as f:
                 cats = json.load(f)["categories"]
             cats = sorted(cats, key=lambda c: c["id"])
-            return [int(c["id"]) for c in cats], [str(c.get("name", c["id"])) for c in cats]
+            ids, names = [int(c["id"]) for c in cats], [str(c.get("name", c["id"])) for c in cats]
         except FileNotFoundError:
             raise PredictError(f"categories file not found: {categories_file}") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PredictError(
                 f"{categories_file}: expected COCO json with a 'categories' list of {{'id', 'name'}} ({e!r})"
             ) from None
-    ids = meta.get("category_ids")
-    names = meta.get("class_names")
-    return (list(ids) if ids else None), (list(names) if names else None)
+        source = categories_file
+    else:
+        dataset = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
+        names = dataset.get("thing_classes") or meta.get("thing_classes")
+        ids = dataset.get("thing_dataset_ids")
+        ids = [int(i) for i in ids] if ids else None
+        names = [str(n) for n in names] if names else None
+        source = f"the metadata of {weights or 'the checkpoint'}"
+    if num_classes is not None:
+        for what, values in (("categories", ids), ("class names", names)):
+            if values is not None and len(values) != num_classes:
+                raise PredictError(
+                    f"{source} has {len(values)} {what} but MODEL.ROI_HEADS.NUM_CLASSES is {num_classes}"
+                )
+    return ids, names
 
 
 def detections_to_record(
@@ -204,7 +213,18 @@ def predict_files(
     if batch_size < 1:
         raise PredictError(f"batch size must be >= 1, got {batch_size}")
     predictor = predictor or Predictor(cfg, weights)
-    category_ids, class_names = category_mapping(categories_file, predictor.weights_meta)
+    category_ids, class_names = category_mapping(
+        categories_file,
+        predictor.weights_meta,
+        int(predictor.cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+        str(predictor.weights or ""),
+    )
+    if class_names is None:
+        logger.warning(
+            "%s carries no class names (not one of our checkpoints): detections have only the "
+            "contiguous 'category'; pass --categories with the data set's COCO json for names and ids",
+            predictor.weights or "the model",
+        )
     fmt = predictor.input_format
     records: list[dict] = []
     start = time.perf_counter()
