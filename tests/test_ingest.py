@@ -305,9 +305,9 @@ def test_validate_reports_every_kind_of_problem(coco_dir):
     imgs.append(dict(imgs[0]))  # duplicate image id 1
     imgs.append({"id": 77, "file_name": "missing.jpg", "height": 10, "width": 10})
     anns[0]["bbox"] = [1.0, 1.0, -4.0, 3.0]  # negative width
-    anns[2]["bbox"] = [30.0, 2.0, 50.0, 10.0]  # image 2 is 56 wide
-    anns[2]["category_id"] = 2  # not a category
-    anns[4]["segmentation"] = [[1.0, 2.0, 3.0, 4.0, 5.0]]
+    anns[2]["bbox"] = [30.0, 2.0, 50.0, 10.0]  # image 2 is 56 wide: repaired, not an error
+    anns[2]["category_id"] = 2  # not a category: an error all the same
+    anns[4]["segmentation"] = [[1.0, 2.0, 3.0, 4.0, 5.0]]  # repaired: its annotation is dropped
     anns[5]["segmentation"]["size"] = [1, 1]
     anns[6]["id"] = anns[7]["id"]  # duplicate annotation id
     del anns[3]["image_id"]
@@ -324,10 +324,9 @@ def test_validate_reports_every_kind_of_problem(coco_dir):
         "duplicate id": 2,
         "missing image": 1,
         "bad bbox": 1,
-        "bbox outside image": 1,
         "dangling category_id": 1,
         "dangling image_id": 1,
-        "bad segmentation": 2,
+        "bad segmentation": 1,
         "missing field": 1,
         "undecodable image": 1,
         "size mismatch": 1,
@@ -340,7 +339,6 @@ def test_validate_reports_every_kind_of_problem(coco_dir):
         "missing.jpg does not exist",
         f"annotation id={anns[0]['id']} (image_id=1): bbox [1.0, 1.0, -4.0, 3.0]",
         "has category_id=2 not in categories",
-        "polygon 0 has 5 coordinates",
         "RLE size [1, 1] differs",
         f"annotation id={anns[7]['id']} appears more than once",
         "lacks image_id",
@@ -348,9 +346,18 @@ def test_validate_reports_every_kind_of_problem(coco_dir):
         "is 56x40, the JSON says 56x41",
     ):
         assert needle in text, needle
+    assert [(c["annotation_id"], c["action"]) for c in report.repairs.changes] == [
+        (anns[2]["id"], "clip_bbox"),
+        (anns[4]["id"], "drop_annotation"),
+    ]
     # The list is capped but the count is not.
     capped = validate_annotations(path, root / "val2017", max_listed=3, raise_on_error=False)
-    assert len(capped.errors) == 3 and capped.num_errors == 12 and "and 9 more" in capped.summary()
+    assert len(capped.errors) == 3 and capped.num_errors == 10 and "and 7 more" in capped.summary()
+    # strict: the two repairs are errors too.
+    strict = validate_annotations(path, root / "val2017", max_listed=50, raise_on_error=False, strict=True)
+    assert strict.num_errors == 12
+    assert strict.error_kinds["bbox outside image"] == strict.error_kinds["unusable annotation"] == 1
+    assert f"annotation id={anns[4]['id']} (image_id=3): polygon 0 has 5 coordinates" in strict.summary()
 
 
 def test_validate_names_unparseable_json(tmp_path):
@@ -360,6 +367,207 @@ def test_validate_names_unparseable_json(tmp_path):
     (tmp_path / "y.json").write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(IngestError, match=r"y\.json: missing or non-list field 'categories'"):
         validate_annotations(tmp_path / "y.json", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Repairs of real-world defects
+# ---------------------------------------------------------------------------------------------
+
+TRIANGLE = [1.0, 6.0, 6.0, 6.0, 3.0, 12.0]
+
+
+def _ann(ann_id: int, image_id: int, bbox: list, segmentation: list, **extra) -> dict:
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "bbox": bbox,
+        "area": 10.0,
+        "iscrowd": 0,
+        "segmentation": segmentation,
+        **extra,
+    }
+
+
+# One annotation per kind of defect, on the val2017 images of `coco_dir`: image 1 is 64x48 (w x h),
+# image 2 56x40, image 3 48x64, image 4 40x32.
+DEFECTS = [
+    _ann(5001, 1, [-3.0, 5.0, 10.0, 10.0], [TRIANGLE]),  # past the left border
+    _ann(5002, 1, [5.0, -2.5, 10.0, 10.0], [TRIANGLE]),  # top
+    _ann(5003, 1, [60.0, 5.0, 10.0, 10.0], [TRIANGLE]),  # right
+    _ann(5004, 1, [5.0, 45.0, 10.0, 10.0], [TRIANGLE]),  # bottom
+    _ann(5005, 2, [0.0, 0.0, 56.5, 40.0], [TRIANGLE]),  # half a pixel: strict clips it too
+    _ann(5006, 2, [10.0, 10.0, 10.0, 10.0], [[10.0, 10.0, 20.0, 20.0]]),  # a 2-point polygon only
+    _ann(5007, 2, [1.0, 6.0, 5.0, 6.0], [TRIANGLE, [1.0, 2.0, 3.0, 4.0]]),  # a good and a 2-point one
+    # COCO 2017 train's annotation 918 (cocoapi issue 355), moved into a 48x64 image: zero height,
+    # a polygon of 4 points that are 2 points repeated.
+    _ann(918, 3, [29.65, 38.33, 1.03, 0.0], [[29.65, 38.33, 29.65, 38.33, 30.68, 38.33, 30.68, 38.33]]),
+    _ann(5008, 3, [50.0, 5.0, 10.0, 10.0], [TRIANGLE]),  # wholly right of the image
+    _ann(5009, 4, [0.0, 0.0, 2.0, 2.0], [[0.0, 0.0, 2.0, 2.0, 2.0, 0.0, 0.0, 2.0]]),  # a bow tie: kept
+]
+
+
+def _write_val(src_dir: Path, data: dict, extra: list[dict]) -> dict:
+    d = json.loads(json.dumps(data))
+    d["annotations"] += json.loads(json.dumps(extra))
+    (src_dir / "annotations" / "instances_val2017.json").write_text(json.dumps(d))
+    return d
+
+
+def test_ingest_repairs_each_defect_and_reports_it_by_id(coco_dir, s3_env, tmp_path):
+    src_dir, data = coco_dir
+    source = _write_val(src_dir, data["val2017"], DEFECTS)
+    source_bytes = (src_dir / "annotations" / "instances_val2017.json").read_bytes()
+    root = f"s3://{s3_env}/store"
+    result = ingest_coco(str(src_dir), root, splits=("val2017",), workers=2)
+    counts = {"clip_bbox": 5, "drop_polygon": 1, "drop_annotation": 3, "strict_errors": 8}
+    assert result.repairs == {"val2017": counts}
+    assert result.counts["val2017"]["num_annotations"] == 8 + 10 - 3
+
+    # The stored JSON is the source with exactly these changes; the fine ones and the crowd RLE are
+    # untouched, and so is the bow tie (no signed area, but it covers pixels).
+    by_id = {a["id"]: a for a in source["annotations"]}
+    want = json.loads(json.dumps(source))
+    new_bbox = {
+        5001: [0.0, 5.0, 7.0, 10.0],
+        5002: [5.0, 0.0, 10.0, 7.5],
+        5003: [60.0, 5.0, 4.0, 10.0],
+        5004: [5.0, 45.0, 10.0, 3.0],
+        5005: [0.0, 0.0, 56.0, 40.0],
+    }
+    want["annotations"] = [a for a in want["annotations"] if a["id"] not in (5006, 918, 5008)]
+    for a in want["annotations"]:
+        a["bbox"] = new_bbox.get(a["id"], a["bbox"])
+        if a["id"] == 5007:
+            a["segmentation"] = [TRIANGLE]
+    manifest = json.loads(storage.get_bytes(result.manifest_uri))
+    entry = manifest["splits"]["val2017"]
+    assert json.loads(storage.get_bytes(entry["annotations"])) == want
+    assert entry["num_annotations"] == len(want["annotations"]) and entry["repairs"] == counts
+    # The file as it came is kept beside it, byte for byte, and both are in the manifest's files.
+    assert entry["original_annotations"] == storage.join(
+        manifest["root"], "annotations/original/instances_val2017.json"
+    )
+    assert storage.get_bytes(entry["original_annotations"]) == source_bytes
+    files = {f["path"]: f["sha256"] for f in manifest["files"]}
+    assert files["annotations/original/instances_val2017.json"] == hashlib.sha256(source_bytes).hexdigest()
+    stored = storage.get_bytes(entry["annotations"])
+    assert files["annotations/instances_val2017.json"] == hashlib.sha256(stored).hexdigest()
+
+    # The report, beside the manifest, which records its sha256.
+    assert result.report_uri == storage.join(manifest["root"], "ingest_report.json")
+    blob = storage.get_bytes(result.report_uri)
+    assert manifest["report"] == {
+        "uri": result.report_uri,
+        "size": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    split = json.loads(blob)["splits"]["val2017"]
+    assert split["counts"] == counts
+    assert (split["num_annotations_before"], split["num_annotations_after"]) == (18, 15)
+    assert split["source_annotations"] == f"{src_dir.resolve()}/annotations/instances_val2017.json"
+    changes = {(c["annotation_id"], c["action"]): c for c in split["changes"]}
+    assert len(changes) == len(split["changes"]) == 9
+    sides = {5001: "left", 5002: "top", 5003: "right", 5004: "bottom", 5005: "right"}
+    for ann_id, after in new_bbox.items():
+        c = changes[(ann_id, "clip_bbox")]
+        assert (c["field"], c["before"], c["after"]) == ("bbox", by_id[ann_id]["bbox"], after)
+        assert f"past the {sides[ann_id]} border of the" in c["why"]
+        assert c["strict"] is (ann_id != 5005)  # half a pixel is rounding
+    c = changes[(5007, "drop_polygon")]
+    assert (c["before"], c["after"]) == (by_id[5007]["segmentation"], [TRIANGLE])
+    assert c["why"] == "polygon 1 has 4 coordinates (fewer than 3 points)"
+    for ann_id, why in (
+        (5006, "polygon 0 has 4 coordinates (fewer than 3 points), and no polygon is left"),
+        (918, "bbox [29.65, 38.33, 1.03, 0.0] has zero height; polygon 0 has no area (its 4 points "),
+        (5008, "bbox [50.0, 5.0, 10.0, 10.0] has no area inside the 48x64 image 000000000003.jpg"),
+    ):
+        c = changes[(ann_id, "drop_annotation")]
+        assert (c["field"], c["before"], c["after"], c["strict"]) == ("annotation", by_id[ann_id], None, True)
+        assert c["why"].startswith(why), c["why"]
+
+    # Training reads the repaired file: the loader (which refuses boxes far outside their image)
+    # takes it and sees exactly the stored annotations.
+    from cascade_rcnn.data.splits import load_split
+
+    records, _ = load_split(result.manifest_uri, "val2017")
+    assert sorted(a["id"] for r in records for a in r["annotations"]) == sorted(
+        a["id"] for a in want["annotations"]
+    )
+
+    # A second ingest transfers nothing and reports the same repairs from the manifest.
+    again = ingest_coco(str(src_dir), root, splits=("val2017",))
+    assert again.reused and again.transferred_files == 0
+    assert (again.repairs, again.report_uri) == (result.repairs, result.report_uri)
+    assert storage.get_bytes(result.report_uri) == blob
+
+
+def test_ingest_strict_refuses_repairs_naming_the_annotation(coco_dir, tmp_path, capsys):
+    src_dir, data = coco_dir
+    root = tmp_path / "store"
+    fine, two_point = DEFECTS[4], DEFECTS[5]  # a half-pixel overhang and a 2-point polygon
+    _write_val(src_dir, data["val2017"], [fine, two_point])
+    with pytest.raises(InvalidAnnotations) as err:
+        ingest_coco(str(src_dir), str(root), splits=("val2017",), strict=True)
+    assert err.value.report.error_kinds == {"unusable annotation": 1}
+    msg = str(err.value)
+    assert msg.startswith(f"{src_dir.resolve()}/annotations/instances_val2017.json: ")
+    assert "annotation id=5006 (image_id=2): polygon 0 has 4 coordinates" in msg
+    assert "not repaired (annotation dropped) because strict is set" in msg
+    assert not list(root.rglob("manifest.json"))
+
+    # Clipping by half a pixel passes strict, and is still recorded.
+    _write_val(src_dir, data["val2017"], [fine])
+    ok = ingest_coco(str(src_dir), str(root), splits=("val2017",), strict=True)
+    assert ok.repairs["val2017"] == {
+        "clip_bbox": 1,
+        "drop_polygon": 0,
+        "drop_annotation": 0,
+        "strict_errors": 0,
+    }
+    stored = json.loads(
+        storage.get_bytes(storage.join(str(root), "datasets/coco2017/annotations/instances_val2017.json"))
+    )
+    assert stored["annotations"][-1]["bbox"] == [0.0, 0.0, 56.0, 40.0]
+
+    # Stored without strict, the data set does not pass a later strict run that would reuse it.
+    _write_val(src_dir, data["val2017"], [fine, two_point])
+    assert ingest_coco(str(src_dir), str(root), splits=("val2017",)).repairs["val2017"]["strict_errors"] == 1
+    with pytest.raises(
+        IngestError, match=r"strict is set, and the stored data set was ingested with 1 "
+    ) as e:
+        ingest_coco(str(src_dir), str(root), splits=("val2017",), strict=True)
+    assert "val2017: annotation id=5006 (image_id=2): polygon 0 has 4 coordinates" in str(e.value)
+    assert "ingest_report.json" in str(e.value)
+    # The CLI's --strict is the same switch.
+    args = ["--source", str(src_dir), "--root", str(root), "--splits", "val2017"]
+    assert main([*args, "--strict"]) == 1
+    assert "annotation id=5006" in capsys.readouterr().err
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["repairs"]["val2017"]["drop_annotation"] == 1
+
+
+def test_ingest_unrepairable_defects_fail_even_on_annotations_a_repair_would_drop(coco_dir, tmp_path):
+    src_dir, data = coco_dir
+    two_point = [[10.0, 10.0, 20.0, 20.0]]
+    _write_val(
+        src_dir,
+        data["val2017"],
+        [
+            _ann(6001, 555, [1.0, 1.0, 5.0, 5.0], two_point),  # no such image
+            _ann(6002, 2, [1.0, 1.0, 5.0, 5.0], two_point, category_id=42),  # no such category
+            _ann(6003, 2, [60.0, 1.0, 5.0, 5.0], [TRIANGLE], category_id=42),  # outside, and no category
+        ],
+    )
+    root = tmp_path / "store"
+    with pytest.raises(InvalidAnnotations) as err:
+        ingest_coco(str(src_dir), str(root), splits=("val2017",))
+    assert err.value.report.error_kinds == {"dangling image_id": 1, "dangling category_id": 2}
+    msg = str(err.value)
+    assert "annotation id=6001 (image_id=555) refers to an image id not in images" in msg
+    assert "annotation id=6002 (image_id=2) has category_id=42 not in categories" in msg
+    assert "annotation id=6003 (image_id=2) has category_id=42 not in categories" in msg
+    assert not list(root.rglob("manifest.json")) and not list(root.rglob("ingest_report.json"))
 
 
 # ---------------------------------------------------------------------------------------------

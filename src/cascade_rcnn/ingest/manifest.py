@@ -1,15 +1,20 @@
 """The data set manifest: the one small file that describes an ingested data set.
 
 Layout under `<root>/datasets/<name>/`:
-    annotations/instances_<split>.json
+    annotations/instances_<split>.json            (repaired: what training and evaluation read)
+    annotations/original/instances_<split>.json   (as it came, only when a repair changed it)
     <split>/<file_name>
+    ingest_report.json   (every repair, per annotation id; see ingest/repair.py)
     manifest.json   (written last: a data set without it is incomplete)
 
 Manifest shape (read by cascade_rcnn.data's resolve_dataset through splits.<split>.annotations/images):
     {"name", "version": 1, "root", "source": {"kind", "uri", "fingerprint", "splits", "max_images"},
      "splits": {split: {"annotations": uri, "images": uri prefix, "num_images", "num_annotations",
-                        "num_categories"}},
-     "files": [{"path": relative path, "size", "sha256"}], "created": ISO-8601 UTC time}
+                        "num_categories", "repairs": {action: count, "strict_errors": n},
+                        "original_annotations"?: uri}},
+     "files": [{"path": relative path, "size", "sha256"}],
+     "report": {"uri", "size", "sha256"}, "created": ISO-8601 UTC time}
+`files` lists the data (annotations and images); the report, like the manifest, is not in it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+REPORT_NAME = "ingest_report.json"
 
 
 def dataset_root(root: str, name: str) -> str:
@@ -70,7 +76,9 @@ def hash_tree(local_dir: str | os.PathLike, workers: int = 8) -> list[dict]:
     return entries
 
 
-def build_manifest(*, name: str, ds_root: str, source: dict, splits: dict, files: list[dict]) -> dict:
+def build_manifest(
+    *, name: str, ds_root: str, source: dict, splits: dict, files: list[dict], report: dict | None = None
+) -> dict:
     return {
         "name": name,
         "version": MANIFEST_VERSION,
@@ -78,6 +86,7 @@ def build_manifest(*, name: str, ds_root: str, source: dict, splits: dict, files
         "source": source,
         "splits": splits,
         "files": files,
+        **({"report": report} if report is not None else {}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

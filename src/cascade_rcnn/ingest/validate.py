@@ -1,7 +1,9 @@
 """Validation of a COCO instances JSON and the images it references.
 
 Everything wrong is collected (not just the first problem), counted per kind, and the first
-`max_listed` messages are kept, each naming the JSON file and the ids involved.
+`max_listed` messages are kept, each naming the JSON file and the ids involved. Defects that a repair
+fixes (boxes past the border, unusable polygons: see repair.py) are not errors unless `strict` is set;
+the report carries the repairs and the repaired JSON.
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ from typing import Any
 
 from cascade_rcnn.ingest.errors import IngestError
 from cascade_rcnn.ingest.progress import ProgressLog
+from cascade_rcnn.ingest.repair import BBOX_TOLERANCE, RepairResult, describe, repair_annotations
 
 logger = logging.getLogger(__name__)
+
+# The error kind under which strict mode reports each repair it refuses.
+STRICT_ERROR_KINDS = {
+    "clip_bbox": "bbox outside image",
+    "drop_polygon": "unusable polygon",
+    "drop_annotation": "unusable annotation",
+}
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
@@ -38,6 +48,7 @@ class ValidationReport:
     error_kinds: dict[str, int] = field(default_factory=dict)
     num_warnings: int = 0
     warnings: list[str] = field(default_factory=list)
+    repairs: RepairResult | None = field(default=None, repr=False)  # holds the repaired JSON
 
     @property
     def ok(self) -> bool:
@@ -49,6 +60,9 @@ class ValidationReport:
             f"{self.num_categories} categories, {self.images_checked} image files checked in "
             f"{self.image_dir}; "
         )
+        if self.repairs is not None and self.repairs.changes:
+            done = ", ".join(f"{n} {a}" for a, n in self.repairs.counts.items() if n and a != "strict_errors")
+            head += f"repairs: {done}; "
         if self.ok:
             return head + f"no errors ({self.num_warnings} warnings)"
         kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.error_kinds.items()))
@@ -162,13 +176,9 @@ def _check_segmentation(seg: Any, ann_desc: str, img: dict, out: _Collector) -> 
         if not seg:
             out.error("bad segmentation", f"{ann_desc}: empty polygon list")
         for k, poly in enumerate(seg):
+            # Too few or an odd number of coordinates is a repair (repair.py), not an error.
             if not isinstance(poly, list) or not _all_finite_numbers(poly):
                 out.error("bad segmentation", f"{ann_desc}: polygon {k} is not a list of finite numbers")
-            elif len(poly) < 6 or len(poly) % 2:
-                out.error(
-                    "bad segmentation",
-                    f"{ann_desc}: polygon {k} has {len(poly)} coordinates (needs an even count >= 6)",
-                )
     elif isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
         if counts is None or not isinstance(counts, (str, list)):
@@ -182,9 +192,8 @@ def _check_segmentation(seg: Any, ann_desc: str, img: dict, out: _Collector) -> 
         out.error("bad segmentation", f"{ann_desc}: segmentation is neither polygons nor RLE")
 
 
-def _check_annotations(
-    data: dict, images: dict[int, dict], categories: set[int], tol: float, out: _Collector
-) -> None:
+def _check_annotations(data: dict, images: dict[int, dict], categories: set[int], out: _Collector) -> None:
+    # Run on the JSON as it came, so an annotation that a repair drops still has its ids checked.
     seen: set[int] = set()
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
@@ -215,16 +224,7 @@ def _check_annotations(
             out.error("bad bbox", f"{desc}: bbox {bbox!r} is not 4 finite numbers")
         elif bbox[2] < 0 or bbox[3] < 0:
             out.error("bad bbox", f"{desc}: bbox {bbox!r} has negative width or height")
-        elif img is not None and (
-            bbox[0] < -tol
-            or bbox[1] < -tol
-            or bbox[0] + bbox[2] > img["width"] + tol
-            or bbox[1] + bbox[3] > img["height"] + tol
-        ):
-            out.error(
-                "bbox outside image",
-                f"{desc}: bbox {bbox!r} leaves the {img['width']}x{img['height']} image {img['file_name']}",
-            )
+        # A box past the border is clipped by repair_annotations (an error only in strict mode).
         if "segmentation" in ann and img is not None:
             _check_segmentation(ann["segmentation"], desc, img, out)
 
@@ -280,19 +280,22 @@ def validate_annotations(
     *,
     check_images: bool = True,
     check_sizes: bool = True,
-    bbox_tolerance: float = 1.0,
+    bbox_tolerance: float = BBOX_TOLERANCE,
     max_listed: int = 20,
     workers: int = 8,
     data: dict | None = None,
     raise_on_error: bool = True,
     display_json: str | None = None,
     display_images: str | None = None,
+    strict: bool = False,
 ) -> ValidationReport:
     """Checks a COCO instances JSON and, with `check_images`, every image it lists in `image_dir`.
 
     `data` may carry the already-parsed JSON to avoid reading a large file twice. `display_json` and
-    `display_images` name the files in messages when they were staged from elsewhere. Raises
-    InvalidAnnotations (an IngestError) when errors exist, unless `raise_on_error` is False.
+    `display_images` name the files in messages when they were staged from elsewhere. Repairable
+    defects are repaired (`report.repairs`, whose `.data` is the repaired JSON); with `strict` each
+    one is an error, except a box clipped by at most `bbox_tolerance` px. Raises InvalidAnnotations
+    (an IngestError) when errors exist, unless `raise_on_error` is False.
     """
     report = ValidationReport(
         json_path=display_json or str(json_path), image_dir=display_images or str(image_dir)
@@ -302,7 +305,11 @@ def validate_annotations(
     out = _Collector(report, max_listed)
     images = _check_images(data, out)
     categories = _check_categories(data, out)
-    _check_annotations(data, images, categories, bbox_tolerance, out)
+    _check_annotations(data, images, categories, out)
+    report.repairs = repair_annotations(data, images, bbox_tolerance=bbox_tolerance)
+    if strict:
+        for change in report.repairs.strict_errors:
+            out.error(STRICT_ERROR_KINDS[change["action"]], describe(change, refused=True))
     report.num_images = len(data["images"])
     report.num_annotations = len(data["annotations"])
     report.num_categories = len(data["categories"])
