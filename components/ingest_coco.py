@@ -16,11 +16,14 @@ def ingest_coco(
     splits: list,
     max_images: int,
     dataset: Output[Dataset],
+    strict: bool = False,
 ):
     """Ingest `source` (coco-official, an http(s) base URL, an s3:// prefix or a directory).
 
     max_images: keep the first N images of each split (0: all). A second run with the same source
-    finds the manifest and transfers nothing.
+    finds the manifest and transfers nothing. Annotations that cannot be trained on are repaired
+    (boxes clipped, unusable polygons dropped), each change listed in the report next to the manifest;
+    strict: fail on them instead (a box overhanging by at most 1 px is still clipped).
     """
     import json
     import logging
@@ -29,14 +32,24 @@ def ingest_coco(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run_ingest(
-        source, root, name=name, splits=tuple(splits), max_images=max_images if max_images > 0 else None
+        source,
+        root,
+        name=name,
+        splits=tuple(splits),
+        max_images=max_images if max_images > 0 else None,
+        strict=strict,
     )
     info = {
         "manifest_uri": result.manifest_uri,
         "reused": result.reused,
         "transferred_files": result.transferred_files,
         "counts": result.counts,
+        "repairs": result.repairs,  # split -> {clip_bbox, drop_polygon, drop_annotation, strict_errors}
+        "report_uri": result.report_uri,
     }
+    for split, counts in result.repairs.items():
+        done = ", ".join(f"{n} {action}" for action, n in counts.items() if action != "strict_errors")
+        print(f"{split}: repairs: {done or 'none recorded'} (report: {result.report_uri})")
     dataset.metadata.update(info)
     with open(dataset.path, "w") as f:
         json.dump(info, f, indent=1)

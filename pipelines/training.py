@@ -134,6 +134,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         dataset_name: str = "coco2017",
         splits: list = ["train2017", "val2017"],  # noqa: B006 (kfp reads the default from here)
         max_images: int = 0,
+        ingest_strict: bool = False,
         weights: str = DEFAULT_WEIGHTS,
         weights_sha256: str = "",
         config: str = DEFAULT_CONFIG,
@@ -160,7 +161,12 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
         ingest_task = ingest_op(
-            source=data_source, root=root, name=dataset_name, splits=splits, max_images=max_images
+            source=data_source,
+            root=root,
+            name=dataset_name,
+            splits=splits,
+            max_images=max_images,
+            strict=ingest_strict,
         ).set_display_name("ingest COCO")
         _with_s3_secret(ingest_task, s3_secret, opts)
 

@@ -697,3 +697,28 @@ def test_cli_ingest(coco_dir, tmp_path, capsys):
     assert "source directory" in capsys.readouterr().err
     assert main(["--source", str(src_dir), "--root", str(root), "--name", "../up"]) == 1
     assert "invalid data set name '../up'" in capsys.readouterr().err
+
+
+def test_component_shows_repair_counts_in_its_log_and_metadata(coco_dir, tmp_path, capfd):
+    import kfp.local
+
+    from components import ingest_coco as component
+
+    src_dir, data = coco_dir
+    _write_val(src_dir, data["val2017"], DEFECTS[:6])  # 5 clips (one within 1 px), 1 dropped annotation
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    op = component.build("python:3.11")
+    args = dict(source=str(src_dir), root=str(tmp_path / "store"), name="coco2017", splits=["val2017"])
+    task = op(**args, max_images=0)
+    meta = task.outputs["dataset"].metadata
+    counts = {"clip_bbox": 5, "drop_polygon": 0, "drop_annotation": 1, "strict_errors": 5}
+    assert meta["repairs"] == {"val2017": counts}
+    assert meta["report_uri"] == str((tmp_path / "store/datasets/coco2017/ingest_report.json").resolve())
+    assert meta["counts"]["val2017"]["num_annotations"] == 8 + 5
+    log = capfd.readouterr().out
+    assert "val2017: repairs: 5 clip_bbox, 0 drop_polygon, 1 drop_annotation" in log
+    assert "annotation id=5006 (image_id=2): polygon 0 has 4 coordinates" in log  # each change, logged
+    # The component's strict parameter fails the step, naming the annotation.
+    with pytest.raises(RuntimeError, match="FAILURE"):
+        op(**args, max_images=0, strict=True)
+    assert "annotation id=5006 (image_id=2)" in capfd.readouterr().out
