@@ -90,7 +90,7 @@ def _defaults() -> dict:
     return {
         "VERSION": 2,
         "MODEL": {
-            "DEVICE": "cpu",  # ours: cpu | cuda | npu (d2 defaults to cuda)
+            "DEVICE": "cpu",  # ours: auto | cpu | cuda[:N] | npu[:N] (cascade_rcnn.accel; d2 defaults to cuda)
             "META_ARCHITECTURE": "GeneralizedRCNN",
             "WEIGHTS": "",
             "MASK_ON": False,
