@@ -453,13 +453,40 @@ def convert_torchvision_names(state: Mapping[str, torch.Tensor]) -> dict[str, to
 
 @dataclass
 class LoadReport:
-    """What `load_into_model` did. Keys are model names (checkpoint names for `unexpected`)."""
+    """What `load_into_model` did. Keys are model names (checkpoint names for `unexpected`).
+
+    `expected` counts the model tensors a checkpoint can supply: the model's state_dict (parameters
+    and persistent buffers, FrozenBN statistics included; non-persistent buffers such as the pixel
+    mean and cell anchors are not in it) minus BatchNorm's num_batches_tracked counters, which
+    load_weights drops from every file. Every one of them is in exactly one of `loaded` (taken from the checkpoint),
+    `filled_bn_stats` (running stats set to 0/1 because the file has none), `missing` and
+    `shape_mismatch`, so a complete load reads `len(loaded) == expected`.
+    """
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     loaded: list[str] = field(default_factory=list)
     filled_bn_stats: list[str] = field(default_factory=list)
+    expected: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Every expected model tensor came from the checkpoint or was a filled BN statistic."""
+        return not self.missing and not self.shape_mismatch
+
+    def summary(self) -> str:
+        """One line of counts, e.g. "loaded 315 of 323 model tensors, 8 missing"."""
+        parts = [f"loaded {len(self.loaded)} of {self.expected} model tensors"]
+        if self.filled_bn_stats:
+            parts.append(f"{len(self.filled_bn_stats)} BN statistics set to mean 0 / var 1")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing")
+        if self.shape_mismatch:
+            parts.append(f"{len(self.shape_mismatch)} skipped for their shape")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} checkpoint tensors unused")
+        return ", ".join(parts)
 
     def format(self) -> str:
         lines = []
@@ -477,7 +504,7 @@ class LoadReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return self.format() or f"All {len(self.loaded)} checkpoint tensors loaded."
+        return self.format() or self.summary().capitalize() + "."
 
 
 def group_keys(keys: list[str]) -> list[str]:
@@ -568,7 +595,7 @@ def load_into_model(
       NUM_CLASSES), as are keys matching any regex in `skip_keys`.
     - Normalization layers whose weight was loaded but whose running stats are absent get
       running_mean 0 and running_var 1 (fused-BN Caffe2 files).
-    The model's num_batches_tracked buffers are never reported missing.
+    The model's num_batches_tracked buffers are not counted (load_weights drops them; see LoadReport).
     """
     fmt = state.format if isinstance(state, WeightsFile) else "d2"
     source = source or (state.source if isinstance(state, WeightsFile) else "")
@@ -608,23 +635,21 @@ def load_into_model(
 
     mismatched_keys = {m[0] for m in mismatches}
     used_ckpt = set(mapping.values()) | {m[1] for m in mismatches}
+    expected = [k for k in model_state if not k.endswith("num_batches_tracked")]
     report = LoadReport(
-        missing=sorted(
-            k
-            for k in model_state
-            if k not in to_load and k not in mismatched_keys and not k.endswith("num_batches_tracked")
-        ),
+        missing=sorted(k for k in expected if k not in to_load and k not in mismatched_keys),
         unexpected=sorted(k for k in ckpt if k not in used_ckpt),
         shape_mismatch=[(m, c, s) for m, _, c, s in mismatches],
-        loaded=sorted(to_load),
+        loaded=sorted(k for k in mapping if not k.endswith("num_batches_tracked")),
         filled_bn_stats=sorted(filled),
+        expected=len(expected),
     )
 
     result = target.load_state_dict(to_load, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # to_load only holds model keys
 
     where = f" from {source}" if source else ""
-    logger.info("Loaded %d of %d model tensors%s (format %s)", len(to_load), len(model_state), where, fmt)
+    logger.info("Weights%s (format %s): %s", where, fmt, report.summary())
     if filled:
         logger.info("No running stats for %s; using mean 0 and var 1", ", ".join(group_keys(filled)))
     for key, _, cshape, mshape in mismatches:
@@ -700,16 +725,27 @@ def check_weights_config(weights: WeightsFile, cfg: Any) -> list[str]:
 
 
 def load_pretrained(
-    model: torch.nn.Module, cfg: Any, uri: str | None = None, *, drop_classes: bool = False
+    model: torch.nn.Module,
+    cfg: Any,
+    uri: str | os.PathLike | WeightsFile | None = None,
+    *,
+    drop_classes: bool = False,
 ) -> tuple[WeightsFile, LoadReport]:
-    """load_weights + check_weights_config + load_into_model for `uri` (default cfg.MODEL.WEIGHTS)."""
+    """load_weights + check_weights_config + load_into_model for `uri` (default cfg.MODEL.WEIGHTS).
+
+    `uri` may also be a WeightsFile already read by `load_weights`: it is used as is, so a caller
+    that had to look at the weights first (say, to count their classes) does not fetch them twice.
+    """
     uri = uri if uri is not None else cfg.MODEL.WEIGHTS
-    if not uri:
-        raise CheckpointError("no weights given (MODEL.WEIGHTS is empty)")
-    weights = load_weights(uri)
+    if isinstance(uri, WeightsFile):
+        weights = uri
+    else:
+        if not uri:
+            raise CheckpointError("no weights given (MODEL.WEIGHTS is empty)")
+        weights = load_weights(uri)
     check_weights_config(weights, cfg)
     state = drop_class_specific(weights) if drop_classes else weights
-    return weights, load_into_model(model, state, source=str(uri))
+    return weights, load_into_model(model, state, source=weights.source or str(uri))
 
 
 # --------------------------------------------------------------------------------------------

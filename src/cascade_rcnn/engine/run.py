@@ -92,8 +92,9 @@ def initialize_weights(model: nn.Module, cfg, job: TrainJob) -> dict:
         log.info("no initial weights: training from the model's own initialization")
         return {}
     drop = False
+    weights = uri
     if job.finetune:
-        weights = load_weights(uri)
+        weights = load_weights(uri)  # read once: counted here, loaded below (no second download)
         theirs = _num_classes_of(weights)
         ours = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         drop = theirs is not None and theirs != ours
@@ -105,11 +106,12 @@ def initialize_weights(model: nn.Module, cfg, job: TrainJob) -> dict:
                 ours,
                 ", ".join(_matching_keys(model, CLASS_SPECIFIC_PATTERNS)),
             )
-    _, report = load_pretrained(model, cfg, uri, drop_classes=drop)
+    _, report = load_pretrained(model, cfg, weights, drop_classes=drop)
     return {
         "init_weights": uri,
         "reinitialized": sorted(report.missing) if drop else [],
         "loaded": len(report.loaded),
+        "model_tensors": report.expected,
     }
 
 
