@@ -718,6 +718,9 @@ def test_component_shows_repair_counts_in_its_log_and_metadata(coco_dir, tmp_pat
     log = capfd.readouterr().out
     assert "val2017: repairs: 5 clip_bbox, 0 drop_polygon, 1 drop_annotation" in log
     assert "annotation id=5006 (image_id=2): polygon 0 has 4 coordinates" in log  # each change, logged
+    # Run again: nothing is transferred, and the counts come back from the manifest.
+    again = op(**args, max_images=0).outputs["dataset"].metadata
+    assert (again["reused"], again["transferred_files"], again["repairs"]) == (True, 0, meta["repairs"])
     # The component's strict parameter fails the step, naming the annotation.
     with pytest.raises(RuntimeError, match="FAILURE"):
         op(**args, max_images=0, strict=True)
