@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,116 @@ def _examples(predictions: list[dict], meta, num: int) -> list[ReportExample]:
     return out
 
 
+@dataclass
+class EvalSplit:
+    """A split read once for evaluation, possibly many times (periodic evaluation during training)."""
+
+    name: str
+    data: str
+    annotations_uri: str
+    records: list[dict]
+    meta: Any  # cascade_rcnn.data.coco.DatasetMeta
+    _gt: dict | None = field(default=None, repr=False)
+
+    def ground_truth(self) -> dict:
+        """The annotation JSON (read on first use; only rank 0 needs it)."""
+        if self._gt is None:
+            from cascade_rcnn.data.coco import read_json
+
+            self._gt = read_json(self.annotations_uri)
+        return self._gt
+
+
+def prepare_split(data: str, split: str, max_images: int | None = None) -> EvalSplit:
+    """The records (first `max_images` by image id) and metadata of `split` under `data`."""
+    from cascade_rcnn.data.coco import load_coco_json
+    from cascade_rcnn.data.splits import resolve_dataset
+
+    if max_images is not None and max_images <= 0:
+        raise ValueError(f"max_images must be positive, got {max_images}")
+    annotations_uri, image_root = resolve_dataset(data, split)
+    records, meta = load_coco_json(annotations_uri, image_root, dataset_name=split)
+    if max_images is not None:
+        records = records[:max_images]
+    return EvalSplit(split, data, annotations_uri, records, meta)
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    cfg: Any,
+    split: EvalSplit,
+    *,
+    device: torch.device,
+    use_fast: bool = True,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, float]], list[dict]]:
+    """COCO box (and mask, with MODEL.MASK_ON) AP of `model` as it is, on `split`.
+
+    Every rank of an initialised process group runs its shard of the split (collective: all ranks
+    must call it); the predictions are gathered to rank 0, which computes the metrics. Returns
+    (metrics, predictions with COCO-JSON instances) on rank 0 and ({}, []) on the others. The model
+    is put in eval mode for the inference and back in its previous mode afterwards.
+    """
+    from cascade_rcnn.data.loader import build_test_loader
+
+    rank, world_size = _world()
+    loader = build_test_loader(
+        cfg, split.records, rank=rank, world_size=world_size, pin_memory=device.type != "cpu"
+    )
+    contiguous_to_dataset = split.meta.contiguous_id_to_dataset_id
+
+    def to_coco(inp: Mapping[str, Any], det: Any) -> list[dict]:
+        # Encode masks right away: full-resolution bitmasks for a whole split do not fit in memory.
+        return detections_to_coco_json(det.to("cpu"), inp["image_id"], contiguous_to_dataset)
+
+    predictions = inference_on_dataset(model, loader, device=device, postprocess=to_coco, progress=progress)
+    if rank != 0:
+        return {}, []
+    results = [r for pred in predictions for r in pred["instances"]]
+    iou_types = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+    metrics = evaluate_coco(
+        split.ground_truth(),
+        results,
+        iou_types=iou_types,
+        use_fast=use_fast,
+        img_ids=[r["image_id"] for r in split.records],
+    )
+    return metrics, predictions
+
+
+def write_results(
+    output: str,
+    metrics: Mapping[str, Mapping[str, float]],
+    predictions: list[dict],
+    split: EvalSplit,
+    *,
+    weights: str,
+    report: bool = True,
+    num_examples: int = 6,
+) -> None:
+    """The files of the module docstring under `output` (rank 0)."""
+    from cascade_rcnn import storage
+
+    results = [r for pred in predictions for r in pred["instances"]]
+    save_json(results, storage.join(output, RESULTS_JSON))
+    save_json(dict(metrics), storage.join(output, METRICS_JSON))
+    if report:
+        details = {
+            "weights": weights,
+            "data": split.data,
+            "split": split.name,
+            "images": len(split.records),
+            "detections": len(results),
+        }
+        storage.put_bytes(markdown_report(metrics, details=details).encode(), storage.join(output, REPORT_MD))
+        examples = _examples(predictions, split.meta, num_examples)
+        page = html_report(metrics, examples, details=details)
+        storage.put_bytes(page.encode(), storage.join(output, REPORT_HTML))
+    logger.info(
+        "wrote %s and %s%s under %s", RESULTS_JSON, METRICS_JSON, " and the reports" if report else "", output
+    )
+
+
 def evaluate_checkpoint(
     cfg: Any,
     weights: str | None,
@@ -154,9 +265,6 @@ def evaluate_checkpoint(
     """
     from cascade_rcnn.accel import accelerator_from_cfg
     from cascade_rcnn.config import load_config
-    from cascade_rcnn.data.coco import load_coco_json, read_json
-    from cascade_rcnn.data.loader import build_test_loader
-    from cascade_rcnn.data.splits import resolve_dataset
 
     if not isinstance(cfg, Mapping):
         cfg = load_config(cfg, list(opts or []))
@@ -172,58 +280,21 @@ def evaluate_checkpoint(
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
     device = accelerator_from_cfg(cfg, local_rank).device
 
-    annotations_uri, image_root = resolve_dataset(data, split)
-    records, meta = load_coco_json(annotations_uri, image_root, dataset_name=split)
-    if max_images is not None:
-        records = records[:max_images]
-    logger.info("evaluating %s on %d images of %s (%s)", weights, len(records), split, annotations_uri)
-
-    model = load_model(cfg, weights, device, thing_classes=meta.thing_classes)
-    loader = build_test_loader(
-        cfg, records, rank=rank, world_size=world_size, pin_memory=device.type != "cpu"
+    prepared = prepare_split(data, split, max_images)
+    logger.info(
+        "evaluating %s on %d images of %s (%s)",
+        weights,
+        len(prepared.records),
+        split,
+        prepared.annotations_uri,
     )
-    contiguous_to_dataset = meta.contiguous_id_to_dataset_id
-
-    def to_coco(inp: Mapping[str, Any], det: Any) -> list[dict]:
-        # Encode masks right away: full-resolution bitmasks for a whole split do not fit in memory.
-        return detections_to_coco_json(det.to("cpu"), inp["image_id"], contiguous_to_dataset)
-
-    predictions = inference_on_dataset(model, loader, device=device, postprocess=to_coco)
+    model = load_model(cfg, weights, device, thing_classes=prepared.meta.thing_classes)
+    metrics, predictions = evaluate_model(model, cfg, prepared, device=device, use_fast=use_fast)
     if rank != 0:
         return {}
-
-    results = [r for pred in predictions for r in pred["instances"]]
-    iou_types = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-    gt = read_json(annotations_uri)
-    metrics = evaluate_coco(
-        gt, results, iou_types=iou_types, use_fast=use_fast, img_ids=[r["image_id"] for r in records]
-    )
     logger.info("COCO evaluation of %s on %s:\n%s", weights, split, format_table(metrics))
-
     if output:
-        from cascade_rcnn import storage
-
-        save_json(results, storage.join(output, RESULTS_JSON))
-        save_json(metrics, storage.join(output, METRICS_JSON))
-        if report:
-            details = {
-                "weights": weights,
-                "data": data,
-                "split": split,
-                "images": len(records),
-                "detections": len(results),
-            }
-            storage.put_bytes(
-                markdown_report(metrics, details=details).encode(), storage.join(output, REPORT_MD)
-            )
-            examples = _examples(predictions, meta, num_examples)
-            page = html_report(metrics, examples, details=details)
-            storage.put_bytes(page.encode(), storage.join(output, REPORT_HTML))
-        logger.info(
-            "wrote %s and %s%s under %s",
-            RESULTS_JSON,
-            METRICS_JSON,
-            " and the reports" if report else "",
-            output,
+        write_results(
+            output, metrics, predictions, prepared, weights=weights, report=report, num_examples=num_examples
         )
     return metrics
