@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from shared_fixtures import shared_fixture
 
 from cascade_rcnn.local_s3 import SeaweedServer, start_seaweedfs
 
@@ -19,6 +20,12 @@ def repo_root() -> Path:
 def shared_dir(repo_root: Path) -> Path:
     """Read-only shared material (reference facts, fixtures) next to the repository."""
     return repo_root.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def d2_parity() -> Path:
+    """../shared/fixtures/d2_parity; skips when absent, fails under CI (see shared_fixtures.py)."""
+    return shared_fixture("fixtures/d2_parity")
 
 
 @pytest.fixture(scope="session")

@@ -150,6 +150,7 @@ def test_garbage_pkl_gives_clear_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("d2_parity")
 def test_d2_model_zoo_pickle_names_and_values():
     weights = load_weights(FIXTURE / "model_final.pkl")
     assert weights.format == "d2"
@@ -161,6 +162,7 @@ def test_d2_model_zoo_pickle_names_and_values():
     np.testing.assert_array_equal(weights[key].numpy(), raw[key])
 
 
+@pytest.mark.usefixtures("d2_parity")
 def test_d2_pickle_loads_into_slim_model_with_nothing_missing():
     from cascade_rcnn.modeling import build_model
 
@@ -479,6 +481,7 @@ def test_other_num_classes_skips_class_specific_layers(caplog):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("d2_parity")
 def test_s3_save_and_load(s3_env):
     from cascade_rcnn import storage
 

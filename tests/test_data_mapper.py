@@ -83,7 +83,7 @@ def test_test_mapper_resizes_with_detectron2_rounding(tmp_path, hw, short, max_s
     assert "targets" not in out
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason="d2 parity fixture not present")
+@pytest.mark.usefixtures("d2_parity")
 def test_test_mapper_matches_detectron2_input_sizes():
     cfg = get_cfg()
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 288, 448

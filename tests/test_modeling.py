@@ -11,6 +11,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from shared_fixtures import shared_fixture
 
 from cascade_rcnn.config import load_config
 from cascade_rcnn.modeling import build_model
@@ -28,7 +29,6 @@ from cascade_rcnn.structures import Detections, Targets
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_CONFIG = REPO / "configs" / "Misc" / "cascade_mask_rcnn_R_50_FPN_1x.yaml"
-SLIM_CONFIG = REPO.parent / "shared" / "fixtures" / "d2_parity" / "config.yaml"
 
 LOSS_NAMES = {
     "loss_rpn_cls",
@@ -45,9 +45,10 @@ LOSS_NAMES = {
 
 def slim_cfg(*opts: str):
     """The fixture's slim architecture, trainable from scratch (BN, nothing frozen) as d2 trained it."""
-    if not SLIM_CONFIG.is_file():
-        pytest.skip("d2 parity fixture not present")
-    return load_config(SLIM_CONFIG, ["MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0", *opts])
+    return load_config(
+        shared_fixture("fixtures/d2_parity/config.yaml"),
+        ["MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0", *opts],
+    )
 
 
 def shapes_image(seed: int, h: int = 128, w: int = 160) -> dict:

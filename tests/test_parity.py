@@ -21,7 +21,7 @@ from cascade_rcnn.data.transforms import resize_image, resize_shortest_edge_shap
 from cascade_rcnn.modeling import build_model
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "d2_parity"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="d2 parity fixture not present")
+pytestmark = pytest.mark.usefixtures("d2_parity")
 
 BOX_TOL = 0.01  # px, original resolution
 SCORE_TOL = 1e-4

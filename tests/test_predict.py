@@ -15,7 +15,10 @@ from cascade_rcnn.config import load_config
 from cascade_rcnn.predict import Predictor, main, predict_files
 
 # pycocotools' decode trips numpy 2's __array__ copy-keyword deprecation.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("d2_parity"),
+]
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "d2_parity"
 CONFIG = FIXTURE / "config.yaml"

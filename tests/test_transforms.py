@@ -49,7 +49,7 @@ def test_resize_shortest_edge_shape(hw, short, max_size, expected):
     assert resize_shortest_edge_shape(*hw, short, max_size) == expected
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason="d2 parity fixture not present")
+@pytest.mark.usefixtures("d2_parity")
 def test_resize_shape_matches_detectron2_fixture():
     proposals = json.loads((FIXTURE / "proposals.json").read_text())
     outputs = {o["file_name"]: o for o in json.loads((FIXTURE / "outputs.json").read_text())}

@@ -117,6 +117,7 @@ def test_a_failing_step_fails_the_local_run_with_the_cause_in_its_log(docker_run
     assert f"{missing}/annotations/instances_val2017.json" in log  # the container's error, relayed
 
 
+@pytest.mark.usefixtures("d2_parity")
 def test_pipeline_ingest_fetch_weights_evaluate(docker_runner, cpu_image, pipeline_root, tmp_path):
     """ingest_coco -> fetch_weights -> evaluate, artifacts passed between containers by kfp.local.
     The weights are the parity fixture's detectron2 checkpoint (trained on drawn shapes), so the
