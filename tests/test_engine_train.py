@@ -2,7 +2,7 @@
 Cascade Mask R-CNN (the detectron2 parity fixture's config, made smaller with --opts).
 
 Runs start from the fixture's trained weights (MODEL.WEIGHTS) so that a few iterations are cheap and
-numerically tame; the learning test at the end trains from scratch.
+numerically tame; the learning test at the end finetunes them to a new label set.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from cascade_rcnn import storage
 
+pytestmark = pytest.mark.usefixtures("d2_parity")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE = SHARED / "fixtures" / "d2_parity"
 CONFIG = str(FIXTURE / "config.yaml")
@@ -232,21 +233,37 @@ def test_finetune_to_other_classes_reinitializes_only_class_layers(shapes, tmp_p
     assert ckpt["trainer"]["iteration"] == 0  # a fresh schedule: one iteration was trained
 
 
-# ---- learning: from scratch on the shapes set, then COCO AP through --eval-after ----
+# ---- learning: finetune to a new label set, then COCO AP through --eval-after ----
 #
-# Measured (torch 2.14.1, 2-core x86 CPU): after these 100 iterations box AP 25.9 and mask AP 19.9 on the
-# 16 validation images; a random initialization scores ~0. The thresholds (about half) leave room for the
-# numeric drift of another CPU.
+# The fixture's weights were trained by detectron2 on circles, squares and triangles (box AP ~99). Here
+# they are finetuned to another labelling of a freshly drawn shapes set: "round" (circles) against
+# "polygon" (squares and triangles). NUM_CLASSES 2 != 3 makes finetune re-initialize the classifiers
+# and the mask predictor, which then have to be learned; the rest starts trained, so the outcome does
+# not hinge on a lucky start as 100 iterations from scratch did (box AP 3.9-24.8 across runs).
+#
+# Measured (torch 2.14.1, 2-core x86 CPU, throwaway script running these exact commands), 14 runs:
+# data seeds 11-23 with SEED 1-13, plus data seed 11 / SEED 1 again with OMP_NUM_THREADS=1 (another
+# summation order):
+#   data/SEED   11/1  12/2  13/3  14/4  15/5  16/6  17/7  18/8  19/9 20/10 21/11 22/12 11/1* 23/13*
+#   box AP      90.7  88.6  90.4  87.7  92.4  89.7  86.9  88.8  90.1  87.4  89.9  82.1  86.0  85.7
+#   mask AP     91.3  91.2  92.0  88.5  90.0  91.6  91.5  90.6  89.4  92.5  93.3  84.6  91.1  87.1
+#   at init box 16.0  28.6  45.7  22.8  32.0  32.6  17.9  28.9  24.2  32.0  19.4  17.4  16.0  54.3
+#   at init mask 7.9   0.7  24.0   2.3   1.9   4.4   1.1   4.0  10.6   0.0   0.0   8.1   7.9  16.1
+#   (* one thread)
+# After training: box AP 82.1-92.4, mask AP 84.6-93.3; gain over the same model before training
+# (re-initialized layers, lr 0) at least 31.5 box AP and 67.9 mask AP. loss_cls_stage0 fell to at most
+# 0.44x and loss_mask to at most 0.58x of its first logged value. Both runs together took 34-94 s.
+# The bounds below sit far under the worst run.
+MIN_BOX_AP, MIN_MASK_AP = 60.0, 60.0
+MIN_BOX_GAIN, MIN_MASK_GAIN = 15.0, 40.0
+MAX_LOSS_RATIO = 0.8  # last logged loss_cls_stage0 and loss_mask over the first
 LEARN = [
     "MODEL.DEVICE", "cpu",
-    "MODEL.WEIGHTS", "",
-    "MODEL.RESNETS.NORM", "BN",  # trainable BN and no frozen stage: random features need normalizing
-    "MODEL.BACKBONE.FREEZE_AT", "0",
-    "MODEL.PIXEL_STD", "[57.375,57.12,58.395]",
-    "INPUT.MIN_SIZE_TRAIN", "(128,)",
-    "INPUT.MAX_SIZE_TRAIN", "192",
-    "INPUT.MIN_SIZE_TEST", "128",
-    "INPUT.MAX_SIZE_TEST", "192",
+    "MODEL.ROI_HEADS.NUM_CLASSES", "2",
+    "INPUT.MIN_SIZE_TRAIN", "(160,)",
+    "INPUT.MAX_SIZE_TRAIN", "224",
+    "INPUT.MIN_SIZE_TEST", "160",
+    "INPUT.MAX_SIZE_TEST", "224",
     "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "500",
     "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
     "MODEL.RPN.PRE_NMS_TOPK_TEST", "300",
@@ -254,36 +271,57 @@ LEARN = [
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
     "DATALOADER.NUM_WORKERS", "0",
     "SOLVER.IMS_PER_BATCH", "4",
-    "SOLVER.BASE_LR", "0.02",
-    "SOLVER.WARMUP_ITERS", "50",
-    "SOLVER.STEPS", "(240,)",
-    "SOLVER.CLIP_GRADIENTS.ENABLED", "True",  # from scratch, an unlucky batch can otherwise blow up
-    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
-    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "5.0",
-    "SOLVER.MAX_ITER", "100",
+    "SOLVER.BASE_LR", "0.01",
+    "SOLVER.WARMUP_ITERS", "10",
+    "SOLVER.STEPS", "()",
+    "SOLVER.MAX_ITER", "60",
     "SOLVER.CHECKPOINT_PERIOD", "1000",
-    "SEED", "3",
+    "SEED", "1",
 ]  # fmt: skip
-# 100 iterations from scratch are chaotic: scaling one RoIAlign gradient by (1 + 1e-6) moved box AP
-# from 9.1 to 24.8 for one seed. Over 12 runs (5 seeds, 3 numerically different builds) box AP was
-# 9.1-24.8 and mask AP 4.5-23.8; an untrained model scores about 0. The bounds sit below that range.
-MIN_BOX_AP, MIN_MASK_AP = 6.0, 3.0
+# The same model evaluated before any update: one iteration at learning rate 0.
+AT_INIT = [*LEARN, "SOLVER.MAX_ITER", "1", "SOLVER.BASE_LR", "0.0"]
 
 
-@pytest.mark.slow
-def test_training_from_scratch_learns_shapes(tmp_path):
+def round_vs_polygon_copy(root: Path, dest: Path) -> str:
+    """The shapes set relabelled: circle -> round (id 1), square and triangle -> polygon (id 2)."""
+    (dest / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        ann = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+        names = {c["id"]: c["name"] for c in ann["categories"]}
+        ann["categories"] = [
+            {"id": 1, "name": "round", "supercategory": "shape"},
+            {"id": 2, "name": "polygon", "supercategory": "shape"},
+        ]
+        for a in ann["annotations"]:
+            a["category_id"] = 1 if names[a["category_id"]] == "circle" else 2
+        (dest / "annotations" / f"instances_{split}.json").write_text(json.dumps(ann))
+        (dest / split).symlink_to(root / split)
+    return str(dest)
+
+
+@pytest.mark.slow  # ~35-95 s measured on the shared 2-core machine
+def test_finetune_to_new_labels_learns_them(tmp_path):
     from cascade_rcnn.data.shapes import make_shapes
 
-    data = tmp_path / "shapes"
-    make_shapes(str(data), num_train=64, num_val=16, seed=0, min_size=128, max_size=160)
-    out = str(tmp_path / "out")
-    text = run_ok(
-        cli("train", str(data), out, LEARN, "--val-split", "val2017", "--eval-after"), tmp_path / "log.txt"
-    )
-    assert "iter: 99" in text
-    metrics = json.loads((Path(out) / "eval" / "metrics.json").read_text())
-    assert metrics["bbox"]["AP"] > MIN_BOX_AP, metrics["bbox"]
-    assert metrics["segm"]["AP"] > MIN_MASK_AP, metrics["segm"]
+    make_shapes(str(tmp_path / "shapes"), num_train=48, num_val=16, seed=11, min_size=160, max_size=224)
+    data = round_vs_polygon_copy(tmp_path / "shapes", tmp_path / "round_vs_polygon")
+
+    def finetune(name: str, opts: list[str]) -> tuple[str, dict]:
+        out = str(tmp_path / name)
+        cmd = cli("finetune", data, out, opts, "--weights", WEIGHTS, "--val-split", "val2017", "--eval-after")
+        text = run_ok(cmd, tmp_path / f"{name}.txt")
+        assert "3 classes, the config 2: re-initializing the class-specific layers" in text
+        return out, json.loads((Path(out) / "eval" / "metrics.json").read_text())
+
+    _, before = finetune("at_init", AT_INIT)
+    out, after = finetune("trained", LEARN)
+    summary = {k: (round(before[k]["AP"], 1), round(after[k]["AP"], 1)) for k in ("bbox", "segm")}
+    print(f"AP before -> after finetuning: {summary}")
+    assert after["bbox"]["AP"] > MIN_BOX_AP, summary
+    assert after["segm"]["AP"] > MIN_MASK_AP, summary
+    assert after["bbox"]["AP"] - before["bbox"]["AP"] > MIN_BOX_GAIN, summary
+    assert after["segm"]["AP"] - before["segm"]["AP"] > MIN_MASK_GAIN, summary
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [19, 39, 59, 79, 99]
-    assert rows[-1]["loss_mask"] < 0.5 < rows[0]["loss_mask"]
+    assert [r["iteration"] for r in rows] == [19, 39, 59]
+    for loss in ("loss_cls_stage0", "loss_mask"):
+        assert rows[-1][loss] < MAX_LOSS_RATIO * rows[0][loss], [r[loss] for r in rows]
