@@ -419,11 +419,27 @@ def test_server_killed_during_tree_upload(doomed_server, tmp_path: Path) -> None
 
 def test_request_retried_until_server_returns(doomed_server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Connection errors back off and retry: a PUT issued while the server is down lands once it is back."""
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "10")
-    doomed_server.kill()
-    thread, outcome = _run_in_thread(lambda: storage.put_bytes(b"survived", "s3://doomed/retry/flag"))
-    time.sleep(0.5)  # let the first attempts fail against the dead server
-    doomed_server.restart()
-    thread.join()
+    # botocore (1.44) waits rand(0, 1) * min(0.05 * 2**i, 20) s before retry i of a connection error:
+    # 10 attempts span 12.8 s on average but under 5 s in ~3% of runs, less than a restart can take
+    # on a loaded machine. 30 attempts leave minutes; the PUT still lands soon after the restart.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "30")
+    client = storage._client(storage._resolve_endpoint(None))  # the client put_bytes will use
+    failed: list[str] = []
+
+    def count_failures(caught_exception=None, **_):
+        if caught_exception is not None:
+            failed.append(type(caught_exception).__name__)
+
+    client.meta.events.register("needs-retry.s3", count_failures)
+    try:
+        doomed_server.kill()
+        thread, outcome = _run_in_thread(lambda: storage.put_bytes(b"survived", "s3://doomed/retry/flag"))
+        while len(failed) < 2:  # attempts failed against the dead server: a retry is under way
+            assert thread.is_alive(), f"the PUT ended before two attempts failed: {outcome}"
+            time.sleep(0.02)
+        doomed_server.restart()
+        thread.join()
+    finally:
+        client.meta.events.unregister("needs-retry.s3", count_failures)
     assert not isinstance(outcome[0], BaseException), outcome
     assert storage.get_bytes("s3://doomed/retry/flag", require_checksum=True) == b"survived"
