@@ -21,7 +21,10 @@ import torch
 from cascade_rcnn import cli
 
 # pycocotools' decode trips numpy 2's __array__ copy-keyword deprecation.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("d2_parity"),  # skips without ../shared, fails under CI
+]
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "d2_parity"
 CONFIG = str(FIXTURE / "config.yaml")
