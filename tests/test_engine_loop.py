@@ -121,3 +121,34 @@ def test_bf16_autocast_loop_runs_on_cpu(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert rows[-1]["loss_fit"] < first
     assert trainer.model.fc.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_evaluation_hook_iterations_train_mode_and_rng(tmp_path):
+    import random
+
+    import numpy as np
+
+    reference = _trainer(tmp_path / "a", Accelerator("cpu"), max_iter=10)
+    reference.train(0)
+    calls = []
+
+    def evaluate(model, iteration, final):
+        # An evaluation that leaves the model in eval mode and draws from every generator.
+        model.eval()
+        torch.rand(5), random.random(), np.random.rand()
+        calls.append((iteration, final))
+        return {"val": {"bbox": {"AP": 50.0 + iteration, "APl": float("nan")}}}
+
+    trainer = _trainer(tmp_path / "b", Accelerator("cpu"), max_iter=10)
+    trainer.eval_period, trainer.evaluate = 4, evaluate
+    modes = []
+    step = trainer.run_step
+    trainer.run_step = lambda it: (modes.append(trainer.model.training), step(it))[1]
+    trainer.train(0)
+    assert calls == [(3, False), (7, False), (9, True)]  # every 4 iterations, then after the last
+    assert all(modes)  # every step ran in train mode, evaluation or not
+    for k, v in reference.model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[k], v), k  # the random streams were put back
+    rows = [json.loads(x) for x in (tmp_path / "b" / METRICS_FILE).read_text().splitlines()]
+    evals = [r for r in rows if "bbox/AP" in r]
+    assert evals == [{"iteration": i, "bbox/AP": 50.0 + i, "bbox/APl": None} for i in (3, 7, 9)]

@@ -89,6 +89,15 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (a collective; trusted: our own processes)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

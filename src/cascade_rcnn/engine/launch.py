@@ -48,7 +48,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         "--nproc-per-node", type=int, default=None, help="worker processes on this node (one per device)"
     )
     p.add_argument("--train-split", default=None, help="split to train on (default: from DATASETS.TRAIN)")
-    p.add_argument("--val-split", default=None, help="split for --eval-after (default: DATASETS.TEST[0])")
+    p.add_argument(
+        "--val-split",
+        default=None,
+        help="validation split for TEST.EVAL_PERIOD and --eval-after (default: each DATASETS.TEST entry)",
+    )
     p.add_argument("--eval-after", action="store_true", help="evaluate model_final on the validation split")
     p.add_argument("--keep-checkpoints", type=int, default=0, help="periodic checkpoints to keep (0: all)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")

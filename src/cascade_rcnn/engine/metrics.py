@@ -1,5 +1,9 @@
 """Training metrics: windowed medians, the periodic log line, `metrics.jsonl` and TensorBoard events.
 
+Evaluations during training (TEST.EVAL_PERIOD) add rows of their own to `metrics.jsonl`:
+{"iteration": N, "bbox/AP": ..., "segm/AP50": ..., "bbox/AP-<class>": ...}, detectron2's names; with
+several validation splits each key starts with the split ("val2017/bbox/AP"). NaN is stored as null.
+
 Only rank 0 writes. For an s3:// output, `metrics.jsonl` and the event files are kept in a local
 staging folder and copied to the output when a checkpoint is written (`sync`), so they never run
 ahead of the state a resumed run starts from.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -143,6 +148,37 @@ class MetricsWriter:
                     tb.add_scalar(key, value, it)
             tb.flush()
 
+    def rows(self) -> list[dict]:
+        """The rows written so far (rank 0; [] elsewhere), history of earlier runs included."""
+        if not self.enabled or not self.jsonl_path.exists():
+            return []
+        out = []
+        for line in self.jsonl_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def write_eval(self, iteration: int, results: dict[str, dict[str, dict[str, float]]]) -> dict:
+        """Log, store and plot one evaluation: results is {split: {task: {metric: value}}}."""
+        row = {"iteration": iteration, **flatten_eval(results)}
+        if not self.enabled:
+            return row
+        from ..evaluation.report import format_table
+
+        for split, metrics in results.items():
+            log.info("evaluation at iteration %d on %s:\n%s", iteration, split, format_table(metrics))
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        tb = self._tensorboard()
+        if tb is not None:
+            for key, value in row.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    tb.add_scalar(key, value, iteration)
+            tb.flush()
+        return row
+
     def _tensorboard(self):
         if self._tb is None and not self._tb_warned:
             try:
@@ -173,6 +209,46 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def flatten_eval(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, float | None]:
+    """{split: {task: {metric: v}}} -> {"task/metric": v} (one split) or {"split/task/metric": v}."""
+    flat: dict[str, float | None] = {}
+    for split, metrics in results.items():
+        prefix = f"{split}/" if len(results) > 1 else ""
+        for task, values in metrics.items():
+            for name, value in values.items():
+                value = float(value) if value is not None else None
+                flat[f"{prefix}{task}/{name}"] = None if value is None or math.isnan(value) else value
+    return flat
+
+
+def is_eval_row(row: dict) -> bool:
+    """Whether a metrics.jsonl row is an evaluation (its metric names hold a "/"); else a training one."""
+    return any("/" in key for key in row)
+
+
+def read_rows(output_uri: str) -> list[dict]:
+    """The rows of `metrics.jsonl` under an output (local or s3://); [] when there is none."""
+    uri = storage.join(output_uri, METRICS_FILE)
+    if storage.is_s3(output_uri):
+        text = storage.get_bytes(uri).decode() if storage.exists(uri) else ""
+    else:
+        path = Path(storage_local_path(uri))
+        text = path.read_text() if path.exists() else ""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    return rows
+
+
+def last_eval(output_uri: str) -> dict | None:
+    """The last evaluation row of an output's `metrics.jsonl` (None when it has none)."""
+    evals = [r for r in read_rows(output_uri) if is_eval_row(r)]
+    return evals[-1] if evals else None
 
 
 def storage_local_path(uri: str) -> str:

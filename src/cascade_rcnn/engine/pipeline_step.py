@@ -7,6 +7,7 @@ from typing import Sequence
 
 from .. import storage
 from .launch import main_for
+from .metrics import last_eval
 
 
 def run_training_step(
@@ -30,6 +31,8 @@ def run_training_step(
     The LR steps sit at 2/3 and 8/9 of `iterations`, where detectron2's 1x and the 8-NPU reference
     recipe put them. `opts` ("KEY", "VALUE", ... pairs) come last and override anything. train
     starts from MODEL.WEIGHTS; finetune loads `--weights` and re-initialises what does not fit.
+    With TEST.EVAL_PERIOD > 0 (in `opts` or the config) the record also carries the last evaluation:
+    "eval" ({"bbox/AP": ..., "segm/AP": ..., ...}, detectron2's names) and "eval_iteration".
     """
     if command not in ("train", "finetune"):
         raise ValueError(f"command must be 'train' or 'finetune', got {command!r}")
@@ -53,7 +56,7 @@ def run_training_step(
     if main_for(command, argv) != 0:
         raise RuntimeError(f"{command} into {output} failed")
     final = storage.join(output, "model_final.pth")
-    return {
+    record = {
         "checkpoint_uri": final,
         "output_uri": output,
         "source": init,
@@ -64,3 +67,8 @@ def run_training_step(
         "data": data,
         "config": config,
     }
+    evaluation = last_eval(output)  # TEST.EVAL_PERIOD: the evaluation after the last iteration
+    if evaluation is not None:
+        record["eval_iteration"] = evaluation.pop("iteration")
+        record["eval"] = evaluation
+    return record

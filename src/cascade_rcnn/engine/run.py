@@ -16,8 +16,16 @@ from torch import nn
 from .. import storage
 from ..accel import Accelerator, accelerator_from_cfg
 from .checkpointer import FINAL, Checkpointer, restore_rng
-from .distributed import DistInfo, destroy_process_group, init_process_group, seed_all, shared_seed
-from .metrics import MetricsWriter
+from .distributed import (
+    DistInfo,
+    broadcast_object,
+    destroy_process_group,
+    init_process_group,
+    seed_all,
+    shared_seed,
+)
+from .metrics import MetricsWriter, is_eval_row
+from .periodic_eval import TrainingEvaluator, eval_output, eval_splits
 from .solver import build_grad_clipper, build_lr_scheduler, build_optimizer
 from .trainer import Trainer, training_state
 
@@ -217,6 +225,18 @@ def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
         "world_size": info.world_size,
     }
 
+    evaluator = None
+    eval_period = int(cfg.TEST.EVAL_PERIOD)
+    if eval_period > 0:
+        evaluator = TrainingEvaluator.prepare(
+            cfg,
+            job.data,
+            eval_splits(cfg, job.val_split),
+            accel.device,
+            write_final_to=job.output if job.eval_after else None,
+            final_weights=ckpt.uri(FINAL),
+        )
+
     trainer = Trainer(
         model=model,
         optimizer=optimizer,
@@ -230,6 +250,8 @@ def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
         checkpointer=ckpt,
         checkpoint_period=int(cfg.SOLVER.CHECKPOINT_PERIOD),
         metrics=metrics,
+        eval_period=eval_period,
+        evaluate=evaluator,
     )
     trainer.make_state = lambda it: training_state(
         trainer, it, meta, loader.state_dict(), seed, info.world_size
@@ -240,10 +262,31 @@ def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
             job.output,
             trainer.max_iter,
         )
+        if evaluator is not None and broadcast_object(final_eval_missing(metrics, evaluator, job)):
+            log.info("the final evaluation did not finish; evaluating %s", ckpt.uri(FINAL))
+            trainer.run_eval(trainer.max_iter - 1, final=True)
         metrics.close()
     else:
         trainer.train(start_iter)
     return ckpt.uri(FINAL) if info.is_main else None
+
+
+def final_eval_missing(metrics: MetricsWriter, evaluator: TrainingEvaluator, job: TrainJob) -> bool:
+    """On rank 0: whether a run that ended in its final checkpoint lacks the final evaluation (killed
+    during it), or the files --eval-after asks for."""
+    if not metrics.enabled:
+        return False
+    final_iter = int(evaluator.cfg.SOLVER.MAX_ITER) - 1
+    evals = [r["iteration"] for r in metrics.rows() if is_eval_row(r)]
+    if not evals or evals[-1] != final_iter:
+        return True
+    if evaluator.write_final_to:
+        n = len(evaluator.splits)
+        return not all(
+            storage.exists(storage.join(eval_output(job.output, s.name, n), "metrics.json"))
+            for s in evaluator.splits
+        )
+    return False
 
 
 def check_data_state(loader, saved: dict) -> None:
@@ -267,29 +310,28 @@ def run_worker(job: TrainJob) -> str | None:
     accel.set_device()
     if accel.type == "cuda":
         torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
-    if int(cfg.TEST.EVAL_PERIOD) > 0:
-        log.warning(
-            "TEST.EVAL_PERIOD=%d: periodic evaluation is not supported; use --eval-after",
-            cfg.TEST.EVAL_PERIOD,
-        )
+    cfg.OUTPUT_DIR = job.output  # the checkpoints' config names where the run wrote
     init_process_group(info, accel)
     try:
         final = train(cfg, job, accel, info)
     finally:
         destroy_process_group()
-    if final and job.eval_after:
+    # With TEST.EVAL_PERIOD the final evaluation during training already wrote the --eval-after files.
+    if final and job.eval_after and int(cfg.TEST.EVAL_PERIOD) <= 0:
         evaluate_after(cfg, job, final)
     return final
 
 
 def evaluate_after(cfg, job: TrainJob, weights: str) -> None:
+    """--eval-after: evaluate `weights` on every validation split, files under eval_output(...)."""
     from ..evaluation import evaluate_checkpoint
 
-    split = job.val_split or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
-    if not split:
+    splits = eval_splits(cfg, job.val_split)
+    if not splits:
         log.warning("--eval-after: no validation split (DATASETS.TEST or --val-split); skipping evaluation")
         return
-    evaluate_checkpoint(cfg, weights, job.data, split, storage.join(job.output, "eval"))
+    for split in splits:
+        evaluate_checkpoint(cfg, weights, job.data, split, eval_output(job.output, split, len(splits)))
 
 
 def setup_logging() -> None:

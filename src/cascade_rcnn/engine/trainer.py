@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..accel import Accelerator
-from .checkpointer import Checkpointer, capture_rng, periodic_name
+from .checkpointer import Checkpointer, capture_rng, periodic_name, restore_rng
 from .distributed import all_gather_objects, reduce_step_metrics
 from .metrics import LOG_PERIOD, IterationRecord, MetricsWriter, MetricWindows
 
@@ -37,6 +37,10 @@ class Trainer:
 
     model(batch) returns a dict of scalar losses; their plain sum is minimised.
     make_state(iteration) -> dict builds the checkpoint payload (called on every rank, saved by rank 0).
+    evaluate(model, iteration, final) -> {split: {task: {metric: value}}} on every rank: called, as
+    detectron2's EvalHook, after every `eval_period` iterations (after that iteration's checkpoint)
+    and once more after the final checkpoint, when eval_period > 0. It may use any random number
+    generator: their states are put back afterwards, so training continues exactly as without it.
     """
 
     model: nn.Module
@@ -52,6 +56,8 @@ class Trainer:
     checkpoint_period: int = 0
     make_state: Callable[[int], dict] | None = None
     metrics: MetricsWriter | None = None
+    eval_period: int = 0
+    evaluate: Callable[[nn.Module, int, bool], dict] | None = None
     log_period: int = LOG_PERIOD
     windows: MetricWindows = field(default_factory=MetricWindows)
 
@@ -107,9 +113,29 @@ class Trainer:
                     rec, self.max_iter, self.global_batch, self.accel.max_memory_allocated_mb()
                 )
                 self.metrics.write(summary)
-            if not last and self.checkpoint_period > 0 and (it + 1) % self.checkpoint_period == 0:
+            checkpointed = not last and self.checkpoint_period > 0 and (it + 1) % self.checkpoint_period == 0
+            if checkpointed:
                 self.save(periodic_name(it), it)
+            if not last and self.eval_period > 0 and (it + 1) % self.eval_period == 0:
+                self.run_eval(it, final=False, sync=checkpointed)
         self.save_final()
+
+    def run_eval(self, iteration: int, *, final: bool, sync: bool = False) -> dict:
+        """One evaluation after `iteration`, RNG-neutral; its row goes to the metrics (synced with `sync`)."""
+        if self.evaluate is None:
+            return {}
+        # Inference draws from the generators too (a DataLoader iterator takes its base seed from
+        # torch's); a resumed run never evaluated before it resumed, so put every stream back.
+        rng = capture_rng(self.accel.rng_state())
+        try:
+            results = self.evaluate(self.model, iteration, final)
+        finally:
+            self.accel.set_rng_state(restore_rng(rng))
+            self.model.train()
+        row = self.metrics.write_eval(iteration, results) if self.metrics is not None else {}
+        if sync and self.metrics is not None:
+            self.metrics.sync()  # this iteration's checkpoint is written: its evaluation may land too
+        return row
 
     def save(self, name: str, iteration: int) -> None:
         if self.checkpointer is None or self.make_state is None:
@@ -124,6 +150,8 @@ class Trainer:
         from .checkpointer import FINAL
 
         self.save(FINAL, self.max_iter - 1)
+        if self.eval_period > 0:
+            self.run_eval(self.max_iter - 1, final=True)
         if self.metrics is not None:
             self.metrics.close()
 
