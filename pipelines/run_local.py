@@ -8,17 +8,30 @@ the bucket, for the finetune step; the "pretrained" weights are this run's own r
 initialisation saved to a local file (no download), which fetch_weights verifies and stores like any
 other source. The model is Cascade Mask R-CNN R50-FPN with narrow layers and small inputs
 (DEMO_OPTS), so every step finishes in seconds to a minute on two cores.
+
+Two ways to get the pipeline:
+- `package=None`: built from pipelines.training now, with local choices for what the cluster recipe
+  would make slow here (one CPU process, no AMP, no retries): `pipeline_arguments`;
+- `package=PATH`: a compiled YAML (the file users submit), loaded with
+  kfp.components.load_component_from_file and run with its own defaults except what must shrink for a
+  CPU and what only a cluster has (`package_arguments`). Its `detectron2://` weights default is served
+  by a local mirror of detectron2's download site (CASCADE_RCNN_D2_BASE_URL) holding the random
+  initialisation, and the steps run from the repository root, as they run from the image's WORKDIR
+  (/opt/cascade-rcnn, which holds configs/), so the relative `config` default resolves.
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 from pipelines.training import CompileOptions, build_pipeline
 
@@ -84,6 +97,7 @@ class LocalRun:
     run_dir: Path
     outputs: dict[str, dict[str, dict]] = field(default_factory=dict)
     seconds: float = 0.0
+    arguments: dict[str, Any] = field(default_factory=dict)  # the run arguments given to the pipeline
 
     def metadata(self, task: str, output: str) -> dict:
         return self.outputs[task][output]["metadata"]
@@ -105,6 +119,36 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """chdir to `path` (kfp.local's subprocesses inherit it) and back after."""
+    saved = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(saved)
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_mirror(directory: Path) -> Iterator[str]:
+    """Serve `directory` over HTTP on 127.0.0.1 (a thread of this process); yields the base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory)))
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def demo_opts(settings: LocalSettings) -> list[str]:
@@ -166,24 +210,60 @@ def pipeline_arguments(
     }
 
 
+def package_arguments(
+    root: str, data_dir: Path, finetune_data: str, settings: LocalSettings
+) -> dict[str, Any]:
+    """The arguments a compiled package gets here: only what must shrink for a CPU (the data, model
+    widths and image sizes in config_opts, iterations, batch and the demo's learning rates for its
+    small batches: the default 0.2 is for 128 images per step) and `finetune` on, so that step runs
+    too. Everything else keeps the package's default: device auto, amp, accelerator type and count
+    (8 trainer processes), weights, config, names, splits, run_id, s3_secret."""
+    return {
+        "root": root,
+        "data_source": str(data_dir),
+        "config_opts": demo_opts(settings),
+        "iterations": settings.iterations,
+        "learning_rate": settings.learning_rate,
+        "batch_per_device": settings.batch,
+        "finetune": True,
+        "finetune_data": finetune_data,
+        "finetune_iterations": settings.finetune_iterations,
+        "finetune_learning_rate": settings.finetune_learning_rate,
+        "finetune_opts": ["SOLVER.WARMUP_ITERS", str(max(1, settings.finetune_iterations // 4))],
+    }
+
+
+D2_SCHEME = "detectron2://"
+
+
 def run_local(
-    workdir: Path, settings: Optional[LocalSettings] = None, server: Any = None, bucket: str = BUCKET
+    workdir: Path,
+    settings: Optional[LocalSettings] = None,
+    server: Any = None,
+    bucket: str = BUCKET,
+    package: Union[str, Path, None] = None,
+    overrides: Optional[dict[str, Any]] = None,
 ) -> LocalRun:
     """Run the pipeline under `workdir` (its data/, kfp/ and s3/ are replaced), with everything it
     stores under s3://<bucket>/.
 
     server: a running cascade_rcnn.local_s3.SeaweedServer to use (the bucket must not exist yet);
     without one, a SeaweedFS is started for the run and stopped after it.
+    package: a compiled pipeline YAML to run with its defaults (see the module's docstring); without
+    one, the pipeline is built from pipelines.training with local choices.
+    overrides: run arguments set on top of either (e.g. accelerator_count for a package).
     """
+    import kfp.components
     import kfp.local
 
     from cascade_rcnn import storage
     from cascade_rcnn.data.shapes import make_shapes
     from cascade_rcnn.local_s3 import start_seaweedfs
+    from pipelines.params import pipeline_inputs
 
     settings = settings or LocalSettings()
     workdir = Path(workdir).resolve()
-    for sub in ("data", "finetune-data", "kfp", "s3", "workspace", "weights"):
+    for sub in ("data", "finetune-data", "kfp", "s3", "workspace", "weights", "mirror"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
     for name in ("report.html", "report.md"):
         (workdir / name).unlink(missing_ok=True)
@@ -199,13 +279,26 @@ def run_local(
     weights = workdir / "weights" / "random-init.pth"
     weights_sha256 = write_seed_weights(weights, opts)
 
+    mirrored = None  # the package's detectron2:// weights default, served from workdir/mirror
+    if package is not None:
+        package = Path(package).resolve()
+        default_weights = str(pipeline_inputs(package).get("weights", {}).get("defaultValue", ""))
+        if default_weights.startswith(D2_SCHEME) and "weights" not in (overrides or {}):
+            mirrored = workdir / "mirror" / default_weights[len(D2_SCHEME) :].lstrip("/")
+            mirrored.parent.mkdir(parents=True)
+            shutil.copyfile(weights, mirrored)
+
     own_server = server is None
     if own_server:
         # Default keys and kept data, so `python -m cascade_rcnn.local_s3 --data <workdir>/s3` serves
         # the run's bucket again afterwards.
         server = start_seaweedfs(workdir / "s3", remove_data=False)
     try:
-        with environment(server.env()):
+        with contextlib.ExitStack() as stack:
+            env = dict(server.env())
+            if mirrored is not None:
+                env["CASCADE_RCNN_D2_BASE_URL"] = stack.enter_context(http_mirror(workdir / "mirror"))
+            stack.enter_context(environment(env))
             server.client().create_bucket(Bucket=bucket)
             root = f"s3://{bucket}/cascade-rcnn"
             finetune_data = f"s3://{bucket}/finetune-data"
@@ -216,12 +309,24 @@ def run_local(
                 workspace_root=str(workdir / "workspace"),
                 raise_on_error=True,
             )
-            # kfp.local honours retries, with their minutes of backoff: a local failure should show at once.
-            pipeline = build_pipeline(CompileOptions(train_retries=0))
+            if package is None:
+                # kfp.local honours retries, with their minutes of backoff: a local failure should show at once.
+                pipeline = build_pipeline(CompileOptions(train_retries=0))
+                arguments = pipeline_arguments(
+                    root, data_dir, weights, weights_sha256, finetune_data, settings
+                )
+            else:
+                pipeline = kfp.components.load_component_from_file(str(package))
+                arguments = package_arguments(root, data_dir, finetune_data, settings)
+                if mirrored is None and "weights" not in (overrides or {}):
+                    arguments.update(weights=str(weights), weights_sha256=weights_sha256)
+                # The image's WORKDIR holds configs/ as the repository does: relative configs resolve alike.
+                stack.enter_context(working_directory(REPO))
+            arguments.update(overrides or {})
             log.info("running %s locally under %s", pipeline.name, workdir)
-            pipeline(**pipeline_arguments(root, data_dir, weights, weights_sha256, finetune_data, settings))
+            pipeline(**arguments)
             (run_dir,) = [p for p in (workdir / "kfp").iterdir() if p.is_dir() and not p.name.startswith(".")]
-            run = LocalRun(root, workdir, run_dir, _read_outputs(run_dir))
+            run = LocalRun(root, workdir, run_dir, _read_outputs(run_dir), arguments=arguments)
             # KFP names artifact files after the outputs; copies with extensions open in a browser.
             shutil.copyfile(run.local_path("evaluate", "report"), workdir / "report.html")
             shutil.copyfile(run.local_path("evaluate", "table"), workdir / "report.md")
