@@ -173,3 +173,17 @@ def test_every_key_is_read_by_the_code_or_refused():
         get_key(get_cfg(), key)  # every listed key exists
     unread = [k for k in leaves(get_cfg()) if k not in NOT_IMPLEMENTED and f".{k.split('.')[-1]}" not in code]
     assert not unread, f"keys neither read nor refused: {unread}"
+
+
+def test_model_and_loader_refuse_unimplemented_keys_set_in_code():
+    from cascade_rcnn.data.loader import build_train_loader
+    from cascade_rcnn.modeling import build_model
+
+    cfg = load_config(FIXTURE)
+    cfg.TEST.AUG.ENABLED = True
+    with pytest.raises(ConfigError, match=r"TEST\.AUG\.ENABLED=True is not supported"):
+        build_model(cfg, "cpu")
+    cfg = load_config(FIXTURE)
+    cfg.DATALOADER.SAMPLER_TRAIN = "RepeatFactorTrainingSampler"
+    with pytest.raises(ConfigError, match=r"DATALOADER\.SAMPLER_TRAIN='RepeatFactorTrainingSampler'"):
+        build_train_loader(cfg, [], batch_per_device=1)

@@ -202,6 +202,9 @@ def build_train_loader(
     mapper: replaces DatasetMapper.from_config(cfg, is_train=True); called as mapper(record, rng).
     """
     seed = _check_seed(seed)
+    from ..config import check_supported
+
+    check_supported(cfg)  # e.g. DATALOADER.SAMPLER_TRAIN, INPUT.CROP set in code, not through load_config
     if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
         records = filter_empty(list(records))
     if not records:

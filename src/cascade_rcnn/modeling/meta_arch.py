@@ -65,6 +65,9 @@ class CascadeMaskRCNN(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> CascadeMaskRCNN:
+        from ..config import check_supported
+
+        check_supported(cfg)  # load_config checks too; this covers configs built in code
         if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
             raise ValueError(
                 f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r} is not supported; only 'GeneralizedRCNN' is"
