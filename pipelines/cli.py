@@ -163,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-iterations", type=int, help="fine-tuning iterations")
     p.add_argument("--train-images", type=int, help="generated training images")
     p.add_argument("--val-images", type=int, help="generated validation images")
+    p.add_argument(
+        "--package",
+        type=Path,
+        help="run this compiled pipeline (e.g. pipelines/compiled/cascade_mask_rcnn_training.yaml) with "
+        "its defaults, only data and sizes shrunk: 8 CPU trainer processes, AMP (default: the pipeline "
+        "built from the code, on one CPU process without AMP)",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="with --package: a run parameter on top (e.g. accelerator_count=1, amp=false); repeatable",
+    )
     return parser
 
 
@@ -184,7 +198,16 @@ def _run_local(args: argparse.Namespace) -> int:
             if value < 1:
                 raise ParameterError(f"--{name.replace('_', '-')} {value}: must be at least 1")
             setattr(settings, name, value)
-    run = run_local(args.workdir, settings)
+    overrides = None
+    if args.package is not None:
+        from pipelines.params import parse_params, pipeline_inputs
+
+        if not args.package.is_file():
+            raise ParameterError(f"--package {args.package}: no such file")
+        overrides = parse_params(args.param, pipeline_inputs(args.package))
+    elif args.param:
+        raise ParameterError("--param needs --package (the built pipeline takes the demo's arguments)")
+    run = run_local(args.workdir, settings, package=args.package, overrides=overrides)
     print(summary(run, args.workdir.resolve() / "s3"))
     return 0
 

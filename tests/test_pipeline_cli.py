@@ -174,6 +174,22 @@ def test_cli_refuses_bad_input_before_any_network_call(argv, words, capsys):
     assert "Connection refused" not in err and "healthz" not in err
 
 
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--param", "amp=false"], "--param needs --package"),
+        (["--package", str(COMPILED), "--param", "gpus=8"], "the pipeline has no such parameter"),
+        (["--package", str(COMPILED), "--param", "amp=maybe"], "--param amp='maybe': not a valid boolean"),
+        (["--package", "no/such.yaml"], "--package no/such.yaml: no such file"),
+    ],
+)
+def test_run_local_refuses_bad_parameters_before_starting_anything(argv, words, tmp_path, capsys):
+    rc = cli_main(["run-local", "--workdir", str(tmp_path / "w"), *argv])
+    assert rc == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # no data generated, no S3 server started
+
+
 def test_cli_module_entry_point_reports_validation_errors():
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines", "submit", "--endpoint", dead_endpoint(), "--param", "root=s3://"],
