@@ -5,8 +5,8 @@ against SeaweedFS, through `run_local(package=...)`.
 Only two kinds of run arguments are set (pipelines.run_local.package_arguments):
 - what must shrink for two CPU cores: the data (a generated shapes set as `data_source`), the model's
   widths and image sizes (`config_opts`), `iterations`, `batch_per_device` and the learning rates
-  of the demo's small batches (the default 0.2 is for 128 images per step), the fine-tuning schedule; `finetune` is switched on so that its step and the
-  condition around it run too;
+  of the demo's small batches (the default 0.2 is for 128 images per step), the fine-tuning
+  schedule; `finetune` is switched on so that its step and the condition around it run too;
 - what only a cluster has, given as environment rather than arguments: the object store (the
   AWS_* variables of the S3 Secret, here the SeaweedFS fixture's) and the internet (the `weights`
   default detectron2://ImageNetPretrained/MSRA/R-50.pkl resolves through CASCADE_RCNN_D2_BASE_URL to
@@ -17,9 +17,10 @@ eval_max_images 0, run_id "" (the run's id), s3_secret.
 
 What kfp.local runs of the package, and what it cannot (kfp 2.17, kfp/local/):
 - it runs the DAG, the finetune condition (dsl.If on a bool parameter), artifact passing, the
-  `{{$.inputs.parameters['pipelinechannel--accelerator_type']}}` style placeholders of the train and
-  finetune task inputs (placeholder_utils resolves them from the task's inputs) and
-  `{{$.pipeline_job_uuid}}` (job_id);
+  pipeline channels into the condition's DAG and `{{$.pipeline_job_uuid}}` (job_id). The task inputs
+  kfp adds for the resources, `{{$.inputs.parameters['pipelinechannel--accelerator_type']}}` and
+  `..._count`, it resolves too (to "huawei.com/Ascend910" and "8.0": the YAML keeps int defaults as
+  floats), but nothing reads them here;
 - it ignores container resources (task_executor._warn_local_only_noops: cpu/memory requests and
   limits, the accelerator type and count; a warning, no check) and every kfp-kubernetes setting of
   the platform spec: the S3 Secret as env (so the credentials come from this process's environment),
