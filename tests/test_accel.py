@@ -175,3 +175,16 @@ def test_npu_without_torch_npu_is_a_clear_error():
         pytest.skip("torch_npu is installed here")
     with pytest.raises(AcceleratorError, match="torch_npu"):
         resolve_device_type("npu")
+
+
+def test_fp16_amp_on_cpu_runs_float32(caplog):
+    cfg = get_cfg()
+    cfg.MODEL.DEVICE = "auto"  # the pipeline's defaults: device auto, amp true (float16)
+    cfg.SOLVER.AMP.ENABLED = True
+    assert cfg.SOLVER.AMP.DTYPE == "float16"
+    with caplog.at_level("WARNING", logger="cascade_rcnn.accel"):
+        acc = accelerator_from_cfg(cfg)
+    if acc.type != "cpu":
+        pytest.skip(f"auto resolved to {acc.type}")
+    assert acc.amp_dtype is None and not acc.amp_enabled
+    assert "SOLVER.AMP.DTYPE=float16 on CPU" in caplog.text

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import resource
 import sys
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Collective backend per device type: gloo on CPU, NCCL on NVIDIA, HCCL on Ascend.
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
@@ -211,4 +214,13 @@ def amp_dtype_from(enabled: bool, dtype_name: str) -> torch.dtype | None:
 def accelerator_from_cfg(cfg, local_rank: int = 0) -> Accelerator:
     """The accelerator for MODEL.DEVICE and SOLVER.AMP, bound to device `local_rank`."""
     amp = amp_dtype_from(bool(cfg.SOLVER.AMP.ENABLED), cfg.SOLVER.AMP.DTYPE)
-    return resolve_accelerator(str(cfg.MODEL.DEVICE), local_rank, amp)
+    accel = resolve_accelerator(str(cfg.MODEL.DEVICE), local_rank, amp)
+    if accel.type == "cpu" and accel.amp_dtype == torch.float16:
+        # The pipeline's amp=True default is for NPU/GPU. CPUs have no fp16 kernels (autocast ran ~5x
+        # slower than float32 here) and GradScaler is CUDA/NPU-only, so fp16 gradients would go unscaled.
+        log.warning(
+            "SOLVER.AMP.DTYPE=float16 on CPU: running float32 instead (set SOLVER.AMP.DTYPE bfloat16 "
+            "for CPU autocast)"
+        )
+        accel = Accelerator("cpu", amp_dtype=None)
+    return accel
