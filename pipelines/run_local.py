@@ -200,8 +200,7 @@ def pipeline_arguments(
         "batch_per_device": settings.batch,
         "accelerator_type": "cpu",  # recorded in the Models; kfp.local ignores resource requests
         "accelerator_count": 1,
-        "device": "cpu",
-        "amp": False,
+        # device and amp keep the pipeline's defaults (auto, True): on this CPU that means float32.
         "finetune": True,
         "finetune_data": finetune_data,
         "finetune_iterations": settings.finetune_iterations,

@@ -147,7 +147,7 @@ def test_pipeline_ingest_fetch_weights_evaluate(docker_runner, cpu_image, pipeli
             job_id="",
             split="val2017",
             max_images=0,
-            device="cpu",
+            device="auto",  # what the pipeline passes by default
             config_opts=SLIM_OPTS,
         )
 
