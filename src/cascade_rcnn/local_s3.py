@@ -37,6 +37,11 @@ DEFAULT_SECRET_KEY = "cascade-test-secret-0123456789"
 _REQUIRED_FLAGS = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false"]
 # Components we do not need; each would otherwise take a fixed default port.
 _DISABLED_FLAGS = ["-s3.autoCreateBucket=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+# Every bucket is a collection with volumes of its own, and by default the volume count is capped at
+# free disk / volume size (128 MB in mini), read at start: on a nearly full disk a test session ran
+# out of volumes after ~100 buckets and every PUT got InternalError. Volume files are sparse, so a
+# fixed cap costs no disk.
+_CAPACITY_FLAGS = ["-volume.max=2000"]
 _PORT_NAMES = ("master", "volume", "filer", "s3", "admin")
 
 
@@ -146,7 +151,7 @@ class SeaweedServer:
 
     def _command(self) -> list[str]:
         cmd = [self.weed, "-logtostderr", f"-config_dir={self._scratch}", "mini", f"-dir={self.weed_dir}"]
-        cmd += _REQUIRED_FLAGS + _DISABLED_FLAGS
+        cmd += _REQUIRED_FLAGS + _DISABLED_FLAGS + _CAPACITY_FLAGS
         cmd.append(f"-s3.config={self.data_dir / 's3.json'}")
         for name in _PORT_NAMES:
             cmd.append(f"-{name}.port={self.ports[name]}")
