@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from cascade_rcnn.storage import local_path
+
 logger = logging.getLogger(__name__)
 
 # How many individual problems an error message lists before summarizing the rest.
@@ -78,15 +80,11 @@ def _is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def _local_path(uri: str) -> str:
-    return uri[len("file://") :] if uri.startswith("file://") else uri
-
-
 def join_image_path(image_root: str, file_name: str) -> str:
     """`image_root`/`file_name` for a local directory or an s3:// prefix."""
     if _is_remote(image_root):
         return image_root.rstrip("/") + "/" + file_name.lstrip("/")
-    return os.path.join(_local_path(image_root), file_name)
+    return os.path.join(local_path(image_root), file_name)
 
 
 def read_json(path_or_uri: str) -> Any:
@@ -96,7 +94,7 @@ def read_json(path_or_uri: str) -> Any:
 
         raw = storage.get_bytes(path_or_uri)
     else:
-        path = _local_path(path_or_uri)
+        path = local_path(path_or_uri)
         if not os.path.isfile(path):
             raise DataError(f"{path_or_uri}: annotation file does not exist")
         with open(path, "rb") as f:

@@ -23,6 +23,7 @@ import torch
 from cascade_rcnn.data.coco import DataError
 from cascade_rcnn.data.image_io import read_image
 from cascade_rcnn.data.transforms import HFlipTransform, ResizeTransform, resize_shortest_edge_shape
+from cascade_rcnn.storage import local_path
 from cascade_rcnn.structures import Targets
 
 # detectron2 removes instances whose box width or height is not above this (filter_empty_instances).
@@ -43,10 +44,8 @@ def local_image_file(file_name: str, cache_dir: Optional[str] = None) -> str:
     immutable, as the ingest step writes them once. Concurrent workers may fetch the same object: the
     storage layer writes atomically, so the last rename wins with identical bytes.
     """
-    if file_name.startswith("file://"):
-        return file_name[len("file://") :]
     if not file_name.startswith("s3://"):
-        return file_name
+        return local_path(file_name)
     bucket, _, key = file_name[len("s3://") :].partition("/")
     parts = [bucket, *key.split("/")]
     if any(p in ("", ".", "..") for p in parts):

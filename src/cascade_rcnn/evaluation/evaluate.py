@@ -23,6 +23,7 @@ import torch.distributed as dist
 from cascade_rcnn.evaluation.coco_eval import detections_to_coco_json, evaluate_coco, save_json
 from cascade_rcnn.evaluation.inference import inference_on_dataset
 from cascade_rcnn.evaluation.report import ReportExample, format_table, html_report, markdown_report
+from cascade_rcnn.storage import local_path
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +98,7 @@ def _read_image_rgb(file_name: str) -> np.ndarray:
         from cascade_rcnn import storage
 
         return read_image(storage.get_bytes(file_name), format="RGB")
-    return read_image(
-        file_name[len("file://") :] if file_name.startswith("file://") else file_name, format="RGB"
-    )
+    return read_image(local_path(file_name), format="RGB")
 
 
 def _examples(predictions: list[dict], meta, num: int) -> list[ReportExample]:

@@ -27,8 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cascade_rcnn import storage
-from cascade_rcnn.ingest.download import file_digests
-from cascade_rcnn.ingest.progress import ProgressLog
+from cascade_rcnn.storage.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +57,13 @@ def hash_tree(local_dir: str | os.PathLike, workers: int = 8) -> list[dict]:
     """[{"path", "size", "sha256"}] for every file under `local_dir`, sorted by path."""
     base = Path(local_dir)
     paths = sorted(p for p in base.rglob("*") if p.is_file())
-    progress = ProgressLog(f"sha256 of {base.name}", len(paths), unit="files")
+    progress = Progress(f"sha256 of {base.name}", len(paths), unit="files", logger=logger)
 
     def one(path: Path) -> dict:
         return {
             "path": path.relative_to(base).as_posix(),
             "size": path.stat().st_size,
-            "sha256": file_digests(path)["sha256"],
+            "sha256": storage.sha256_file(path),
         }
 
     entries = []

@@ -24,7 +24,7 @@ from cascade_rcnn import storage
 from cascade_rcnn.ingest.archive import extract_zip
 from cascade_rcnn.ingest.download import download_file
 from cascade_rcnn.ingest.errors import IngestError
-from cascade_rcnn.ingest.progress import ProgressLog
+from cascade_rcnn.storage.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,11 @@ def parse_source(source: str, base_url: str = OFFICIAL_BASE_URL) -> Source:
         return Source("http", source.rstrip("/"))
     if source.startswith("s3://"):
         return Source("s3", source.rstrip("/"))
-    path = Path(source[len("file://") :] if source.startswith("file://") else source)
     if "://" in source and not source.startswith("file://"):
         raise IngestError(
             f"unsupported source {source!r}: use coco-official, http(s)://, s3:// or a directory"
         )
+    path = Path(storage.local_path(source))
     if not path.is_dir():
         raise IngestError(f"source directory {path} does not exist")
     return Source("local", str(path.resolve()))
@@ -194,7 +194,7 @@ class S3Stager:
                 return  # every image is then reported missing by validation
             _prune(target, file_names)
             return
-        progress = ProgressLog(f"download {prefix}", len(file_names), unit="files")
+        progress = Progress(f"download {prefix}", len(file_names), unit="files", logger=logger)
 
         def one(name: str) -> None:
             try:
@@ -232,7 +232,7 @@ class LocalStager:
         _link_or_copy(src, stage / annotation_name(split))
 
     def images(self, split: str, file_names: set[str], stage: Path) -> None:
-        progress = ProgressLog(f"stage {self.base / split}", len(file_names), unit="files")
+        progress = Progress(f"stage {self.base / split}", len(file_names), unit="files", logger=logger)
         for name in sorted(file_names):
             src = self.base / split / name
             if src.is_file():  # a missing one is reported by validation
