@@ -43,14 +43,12 @@ def evaluate(
         split,
         output,
         max_images=max_images if max_images > 0 else None,
+        report_md_to=table.path,
+        report_html_to=report.path,
     )
     for name, value in kfp_metrics(results).items():
         metrics.log_metric(name, value)
     metrics.metadata["output_uri"] = output
-    with open(table.path, "wb") as f:
-        f.write(storage.get_bytes(storage.join(output, "report.md")))
-    with open(report.path, "wb") as f:
-        f.write(storage.get_bytes(storage.join(output, "report.html")))
 
 
 def build(base_image: str) -> PythonComponent:

@@ -142,14 +142,17 @@ def load_coco_json(
     dataset_name: str = "",
     check_images: bool = False,
     bbox_tolerance: float = 2.0,
+    data: Any = None,
 ) -> tuple[list[dict], DatasetMeta]:
     """Read a COCO instances file into records (see module docstring) and the category mapping.
 
     image_root: local directory or s3:// prefix that the images' file_name is relative to.
     check_images: verify every image exists (one listing for s3://, a stat per file locally).
     bbox_tolerance: pixels a box may reach beyond its image before it is an error.
+    data: the file's parsed JSON when the caller has read it already (read_json); it is not modified.
     """
-    data = read_json(json_path_or_uri)
+    if data is None:
+        data = read_json(json_path_or_uri)
     json_file = json_path_or_uri
     if not isinstance(data, dict):
         raise DataError(f"{json_file}: top level must be a JSON object with 'images' and 'categories'")
