@@ -89,18 +89,10 @@ def resolve_source(source: str) -> ResolvedSource:
         raise WeightsError(
             f"unsupported weights source {source!r}: use detectron2://, torchvision://, http(s)://, s3:// or a path"
         )
-    path = source[len("file://") :] if source.startswith("file://") else source
+    path = storage.local_path(source)
     if not os.path.isfile(path):
         raise WeightsError(f"weights file {path} does not exist")
     return ResolvedSource("local", str(Path(path).resolve()))
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_resolved(resolved: ResolvedSource, cache: Path, sha256: str | None) -> tuple[Path, str]:
@@ -109,23 +101,19 @@ def fetch_resolved(resolved: ResolvedSource, cache: Path, sha256: str | None) ->
 
     name = PurePosixPath(urlparse(resolved.location).path).name or "weights"
     if resolved.kind == "local":
-        return Path(resolved.location), _sha256(resolved.location)
+        return Path(resolved.location), storage.sha256_file(resolved.location)
     local = cache / f"{hashlib.sha256(resolved.location.encode()).hexdigest()[:12]}-{name}"
     if resolved.kind == "s3":
         try:
             storage.get_file(resolved.location, local)
         except storage.StorageError as e:
             raise WeightsError(f"cannot fetch {resolved.location}: {e}") from e
-        return local, _sha256(local)
+        return local, storage.sha256_file(local)
     try:
         result = download_file(resolved.location, local, sha256=sha256)
     except DownloadError as e:
         raise WeightsError(str(e)) from e
     return result.path, result.sha256
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CASCADE_RCNN_CACHE", Path.home() / ".cache" / "cascade_rcnn")) / "weights"
 
 
 def download(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -134,7 +122,7 @@ def download(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
     This lets `MODEL.WEIGHTS detectron2://...` work as in detectron2; a partial download resumes.
     """
     resolved = resolve_source(source)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else storage.cache_dir() / "weights"
     cache.mkdir(parents=True, exist_ok=True)
     local, digest = fetch_resolved(resolved, cache, None)
     if resolved.hash_prefix and not digest.startswith(resolved.hash_prefix):

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cascade_rcnn import storage
+from cascade_rcnn.logs import setup_logging
 
 # Resolving and downloading live in weight_sources, which checkpoint uses too.
 from cascade_rcnn.weight_sources import WeightsError, fetch_resolved, resolve_source
@@ -126,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sha256", help="expected sha256 of the source file")
     parser.add_argument("--cache-dir", help="keep downloads here (resumable between runs)")
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         result = fetch_weights(args.source, args.output, sha256=args.sha256, cache_dir=args.cache_dir)
     except (WeightsError, storage.StorageError) as e:

@@ -55,7 +55,7 @@ def local_copy(uri: Union[str, os.PathLike]) -> Iterator[str]:
     uri = str(uri)
     remote = "://" in uri and not uri.startswith("file://")
     if not remote:
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
+        path = storage.local_path(uri)
         if not os.path.isfile(path):
             raise CheckpointError(f"weights file not found: {path}")
         yield path

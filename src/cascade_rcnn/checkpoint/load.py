@@ -11,6 +11,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from ..engine.distributed import unwrap
 from .errors import CheckpointError
 from .formats import WeightsFile, load_weights, to_tensor
 from .names import align_by_suffix
@@ -22,12 +23,6 @@ logger = logging.getLogger(__package__)
 # Input normalization the torchvision ImageNet weights were trained with (RGB, 0-255 scale).
 TORCHVISION_PIXEL_MEAN = (123.675, 116.28, 103.53)
 TORCHVISION_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def load_into_model(
@@ -57,7 +52,7 @@ def load_into_model(
     if matching_heuristics is None:
         matching_heuristics = fmt == "c2"
 
-    target = _unwrap(model)
+    target = unwrap(model)
     model_state = target.state_dict()
     model_shapes = {k: tuple(v.shape) for k, v in model_state.items()}
 

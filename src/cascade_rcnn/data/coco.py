@@ -350,13 +350,3 @@ def filter_empty(records: list[dict]) -> list[dict]:
             len(kept),
         )
     return kept
-
-
-def class_histogram(records: list[dict], num_classes: int) -> list[int]:
-    """Non-crowd instance count per contiguous class."""
-    counts = [0] * num_classes
-    for r in records:
-        for a in r.get("annotations", ()):
-            if not a.get("iscrowd", 0):
-                counts[a["category_id"]] += 1
-    return counts

@@ -1,5 +1,5 @@
 """Process-group setup with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
-seeding, and the small collectives the trainer needs."""
+seeding, the small collectives the trainer needs, and unwrapping a DistributedDataParallel model."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..accel import Accelerator
 
@@ -63,6 +64,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def shared_seed(seed: int) -> int:
     """`seed` when >= 0, else a random one drawn on rank 0 and broadcast so all ranks agree."""
     if seed >= 0:
@@ -96,11 +102,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def reduce_step_metrics(

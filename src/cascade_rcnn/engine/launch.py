@@ -21,8 +21,9 @@ import sys
 import uuid
 
 from .. import storage
+from ..logs import setup_training_logging
 from .metrics import last_eval
-from .run import TrainJob, run_worker, setup_logging
+from .run import TrainJob, run_worker
 
 __all__ = ["TrainJob", "run_training", "run_command"]
 
@@ -153,7 +154,7 @@ def run_training(job: TrainJob) -> dict | None:
     """
     from ..config import load_config
 
-    setup_logging()
+    setup_training_logging()
     nproc = job.nproc_per_node or _env_int("PET_NPROC_PER_NODE", 1)
     if nproc < 1:
         raise SystemExit(f"--nproc-per-node must be at least 1, got {nproc}")

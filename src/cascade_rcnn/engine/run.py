@@ -6,8 +6,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -16,6 +14,7 @@ from torch import nn
 
 from .. import storage
 from ..accel import Accelerator, accelerator_from_cfg
+from ..logs import setup_training_logging
 from .checkpointer import FINAL, Checkpointer, restore_rng
 from .distributed import (
     DistInfo,
@@ -339,7 +338,7 @@ def run_worker(cfg, job: TrainJob) -> str | None:
     """Entry point of every process (in-process, spawned by elastic_launch, or started by torchrun).
 
     cfg: the run's config, loaded once by launch.run_training (a CfgNode pickles as it is)."""
-    setup_logging()
+    setup_training_logging()
     info = DistInfo.from_env()
     accel = accelerator_from_cfg(cfg, info.local_rank)
     accel.set_device()
@@ -366,14 +365,3 @@ def evaluate_after(cfg, job: TrainJob, weights: str) -> None:
         return
     for split in splits:
         evaluate_checkpoint(cfg, weights, job.data, split, eval_output(job.output, split, len(splits)))
-
-
-def setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
-    level = logging.INFO if rank == "0" else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format=f"[%(asctime)s r{rank} %(name)s] %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-    )

@@ -14,15 +14,10 @@ from torch import nn
 
 from ..accel import Accelerator
 from .checkpointer import Checkpointer, capture_rng, periodic_name, restore_rng
-from .distributed import all_gather_objects, reduce_step_metrics
+from .distributed import all_gather_objects, reduce_step_metrics, unwrap
 from .metrics import LOG_PERIOD, IterationRecord, MetricsWriter, MetricWindows
 
 log = logging.getLogger(__name__)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def main_lr_group(optimizer: torch.optim.Optimizer) -> int:

@@ -40,7 +40,7 @@ from .base import (
     join,
     sha256_file,
 )
-from .local import LocalBackend, list_files, local_path
+from .local import LocalBackend, cache_dir, list_files, local_path
 from .pool import run_pool
 from .progress import Progress
 from .s3 import S3Backend, safe_relpath, split_uri
@@ -60,6 +60,7 @@ __all__ = [
     "PathLike",
     "StorageError",
     "TransferStats",
+    "cache_dir",
     "delete",
     "delete_prefix",
     "download_tree",

@@ -29,6 +29,12 @@ def local_path(uri: PathLike) -> str:
     return rest
 
 
+def cache_dir() -> Path:
+    """Where local copies of remote files (images, weights) are kept between runs: $CASCADE_RCNN_CACHE,
+    else ~/.cache/cascade_rcnn."""
+    return Path(os.environ.get("CASCADE_RCNN_CACHE") or Path.home() / ".cache" / "cascade_rcnn")
+
+
 def _path(uri: PathLike) -> Path:
     text = os.fspath(uri)
     if "://" in text and not text.startswith("file://"):
