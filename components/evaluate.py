@@ -26,13 +26,12 @@ def evaluate(
     report: Output[HTML],
 ):
     """Evaluate `model`'s checkpoint on `split` of the dataset (max_images: the first N, 0: all)."""
-    import logging
-
     from cascade_rcnn import storage
     from cascade_rcnn.config import load_config
     from cascade_rcnn.evaluation import evaluate_checkpoint, kfp_metrics
+    from cascade_rcnn.logs import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     output = storage.join(root, "runs", run_id or job_id, "eval")
     cfg = load_config(config, ["MODEL.DEVICE", device, *[str(x) for x in config_opts]])
     weights = model.metadata["checkpoint_uri"]

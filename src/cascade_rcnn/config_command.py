@@ -32,9 +32,10 @@ def run_with_config(
     if len(args.opts) % 2:
         print(f"{prog}: error: --opts takes KEY VALUE pairs, got {args.opts}", file=sys.stderr)
         return 2
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cascade_rcnn.config import load_config
+    from cascade_rcnn.logs import setup_logging
+
+    setup_logging()
 
     try:
         return body(load_config(args.config, args.opts))

@@ -60,6 +60,13 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the world size of the initialised process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

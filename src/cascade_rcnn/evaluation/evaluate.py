@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torch.distributed as dist
 
 from cascade_rcnn.data.mapper import DatasetMapper
+from cascade_rcnn.engine.distributed import rank_and_world_size
 from cascade_rcnn.evaluation.coco_eval import detections_to_coco_json, evaluate_coco, save_json
 from cascade_rcnn.evaluation.inference import inference_on_dataset
 from cascade_rcnn.evaluation.report import ReportExample, format_table, html_report, markdown_report
@@ -32,12 +32,6 @@ RESULTS_JSON = "coco_instances_results.json"
 METRICS_JSON = "metrics.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def load_model(
@@ -192,7 +186,9 @@ def prepare_split(data: str, split: str, max_images: int | None = None) -> EvalS
     records, meta = load_coco_json(annotations_uri, image_root, dataset_name=split, data=gt)
     if max_images is not None:
         records = records[:max_images]
-    return EvalSplit(split, data, annotations_uri, records, meta, gt if _world()[0] == 0 else None)
+    return EvalSplit(
+        split, data, annotations_uri, records, meta, gt if rank_and_world_size()[0] == 0 else None
+    )
 
 
 def evaluate_model(
@@ -216,7 +212,7 @@ def evaluate_model(
     """
     from cascade_rcnn.data.loader import build_test_loader
 
-    rank, world_size = _world()
+    rank, world_size = rank_and_world_size()
     image_format = cfg.INPUT.FORMAT
     keep_images = keep_images if rank == 0 and image_format in ("RGB", "BGR") else 0
     mapper = _KeepOriginalMapper.from_config(cfg, is_train=False) if keep_images else None
@@ -331,7 +327,7 @@ def evaluate_checkpoint(
         raise ValueError("no weights: pass --weights or set MODEL.WEIGHTS in the config")
     if max_images is not None and max_images <= 0:
         raise ValueError(f"max_images must be positive, got {max_images}")
-    rank, world_size = _world()
+    rank, world_size = rank_and_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
     device = accelerator_from_cfg(cfg, local_rank).device
 
