@@ -25,7 +25,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 from .base import (
     SHA256_METADATA,
@@ -128,7 +128,8 @@ def get_file(
     uri: PathLike, local_path: PathLike, endpoint_url: Optional[str] = None, require_checksum: bool = False
 ) -> ObjectInfo:
     """Copy uri to a local file atomically; S3 objects are verified against their sha256 metadata
-    (ChecksumMismatch leaves any existing file at local_path untouched)."""
+    (ChecksumMismatch leaves any existing file at local_path untouched). Returns the size and sha256
+    of the bytes written; the sha256 is None for an S3 object without sha256 metadata."""
     uri = os.fspath(uri)
     return _backend(uri, endpoint_url).get_file(uri, Path(local_path), require_checksum)
 
@@ -172,7 +173,7 @@ def _tree_pool(workers: int) -> int:
     return workers * 2 + MULTIPART_CONCURRENCY
 
 
-def _finish(progress: Progress) -> TransferStats:
+def _finish(progress: Progress, digests: Optional[Mapping[str, str]] = None) -> TransferStats:
     progress.finish()
     return TransferStats(
         progress.files - progress.skipped,
@@ -180,6 +181,7 @@ def _finish(progress: Progress) -> TransferStats:
         progress.elapsed,
         progress.skipped,
         progress.unverified,
+        digests if digests is not None else {},
     )
 
 
@@ -191,10 +193,16 @@ def upload_tree(
     endpoint_url: Optional[str] = None,
     skip_unchanged: bool = False,
     fsync: bool = True,
+    sha256: Optional[Mapping[str, str]] = None,
 ) -> TransferStats:
     """Upload every file under local_dir to uri/<relative path>, `workers` at a time. With skip_unchanged,
     objects that already hold the same bytes (size and sha256 metadata) are left alone. `fsync`
-    only matters for a local destination (see download_tree)."""
+    only matters for a local destination (see download_tree).
+
+    `sha256` maps relative paths (as in the listing: posix, relative to local_dir) to the hex sha256
+    the caller already computed for those files (e.g. for a manifest); they are used for the stored
+    metadata and the unchanged check instead of reading the files again, so they must describe the
+    files' current bytes. Files not in it are hashed as usual."""
     src_root, uri = Path(local_dir), os.fspath(uri)
     if not src_root.is_dir():
         raise NotFound(f"upload {src_root} -> {uri}: no such directory {src_root}")
@@ -202,7 +210,8 @@ def upload_tree(
     label = f"upload {src_root} -> {uri}"
     prog = Progress(label, sum(s for _, s in files), files=len(files), enabled=progress, logger=log)
     backend = _backend(uri, endpoint_url, _tree_pool(workers))
-    run_pool(label, files, backend.tree_uploader(src_root, uri, skip_unchanged, fsync, prog), workers, prog)
+    one = backend.tree_uploader(src_root, uri, skip_unchanged, fsync, prog, sha256 or {})
+    run_pool(label, files, one, workers, prog)
     return _finish(prog)
 
 
@@ -219,15 +228,17 @@ def download_tree(
     """Download every object under uri/ to local_dir/<relative key>, verifying each sha256. Raises NotFound
     when the prefix holds no objects. With skip_unchanged, local files with the object's size and
     sha256 are kept. fsync=False drops the per-file fsync: a killed process still never leaves a
-    partial file under a final name, but a node crash may."""
+    partial file under a final name, but a node crash may. The result's `sha256` maps each relative
+    path to the sha256 of the bytes now in that file (hashed once, while verifying or comparing)."""
     uri, dest_root = os.fspath(uri), Path(local_dir)
     label = f"download {uri} -> {dest_root}"
     backend = _backend(uri, endpoint_url, _tree_pool(workers))
     items = backend.tree_items(uri)
     prog = Progress(label, sum(s for _, _, s in items), files=len(items), enabled=progress, logger=log)
-    one = backend.tree_downloader(uri, dest_root, skip_unchanged, require_checksum, fsync, prog)
+    digests: dict[str, str] = {}
+    one = backend.tree_downloader(uri, dest_root, skip_unchanged, require_checksum, fsync, prog, digests)
     run_pool(label, items, one, workers, prog)
-    stats = _finish(prog)
+    stats = _finish(prog, digests)
     if stats.unverified:
         log.warning("%s: %d object(s) had no sha256 metadata and were not verified", label, stats.unverified)
     return stats

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -38,13 +38,16 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class TransferStats:
-    """Outcome of a tree transfer: files and bytes moved, files skipped as unchanged, wall time."""
+    """Outcome of a tree transfer: files and bytes moved, files skipped as unchanged, wall time. A
+    download also gives the sha256 of every file it left under the target, by relative path (each
+    computed once, while verifying or checking it), so callers need not read the files again."""
 
     files: int
     bytes: int
     seconds: float
     skipped: int = 0
     unverified: int = 0  # downloaded objects that had no sha256 metadata
+    sha256: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def mb_per_s(self) -> float:

@@ -8,7 +8,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Tuple
+from typing import Any, Callable, Iterator, Mapping, MutableMapping, Optional, Tuple
 
 from .base import IO_CHUNK, NotFound, ObjectInfo, PathLike, StorageError, join, sha256_file
 from .progress import Progress
@@ -67,21 +67,23 @@ def atomic_write(dest: Path, fsync: bool = True) -> Iterator[Tuple[Any, Path]]:
         raise
 
 
-def copy_file(src: Path, dest: Path, fsync: bool = True) -> Tuple[int, str]:
-    """Copy src to dest atomically; returns (size, sha256) of the bytes written."""
-    digest = hashlib.sha256()
+def copy_file(src: Path, dest: Path, fsync: bool = True, sha256: Optional[str] = None) -> Tuple[int, str]:
+    """Copy src to dest atomically; returns (size, sha256) of the bytes written. A `sha256` the caller
+    already knows for src is returned as is instead of hashing the bytes again."""
+    digest = hashlib.sha256() if sha256 is None else None
     size = 0
     try:
         with open(src, "rb") as fin, atomic_write(dest, fsync) as (fout, _):
             for block in iter(lambda: fin.read(IO_CHUNK), b""):
-                digest.update(block)
+                if digest is not None:
+                    digest.update(block)
                 fout.write(block)
                 size += len(block)
     except FileNotFoundError as exc:
         raise NotFound(f"no such file {src}") from exc
     except OSError as exc:
         raise StorageError(f"copy {src} -> {dest}: {exc}") from exc
-    return size, digest.hexdigest()
+    return size, digest.hexdigest() if digest is not None else sha256
 
 
 def file_size(path: Path) -> int:
@@ -108,19 +110,27 @@ def list_files(root: Path) -> Iterator[Tuple[str, int]]:
 
 
 def _copy_tree_file(
-    src_root: Path, dest_root: Path, rel: str, size: int, skip_unchanged: bool, fsync: bool, prog: Progress
-) -> None:
+    src_root: Path,
+    dest_root: Path,
+    rel: str,
+    size: int,
+    skip_unchanged: bool,
+    fsync: bool,
+    prog: Progress,
+    src_sha: Optional[str] = None,
+) -> str:
+    """Copy one file of a tree (kept when skip_unchanged and dest holds the same bytes); returns the
+    sha256 of what dest now holds. `src_sha`, when the caller knows it, saves hashing src."""
     src, dest = src_root / rel, dest_root / rel
-    if (
-        skip_unchanged
-        and file_size(dest) == size
-        and dest.is_file()
-        and sha256_file(dest) == sha256_file(src)
-    ):
-        prog.file_done(skipped=True)
-        return
-    prog.update(copy_file(src, dest, fsync)[0])
+    if skip_unchanged and file_size(dest) == size and dest.is_file():
+        dest_sha = sha256_file(dest)
+        if dest_sha == (src_sha or sha256_file(src)):
+            prog.file_done(skipped=True)
+            return dest_sha
+    copied, sha = copy_file(src, dest, fsync, src_sha)
+    prog.update(copied)
     prog.file_done()
+    return sha
 
 
 class LocalBackend:
@@ -189,12 +199,19 @@ class LocalBackend:
         return count
 
     def tree_uploader(
-        self, src_root: Path, uri: str, skip_unchanged: bool, fsync: bool, prog: Progress
+        self,
+        src_root: Path,
+        uri: str,
+        skip_unchanged: bool,
+        fsync: bool,
+        prog: Progress,
+        known: Mapping[str, str],
     ) -> Callable[[Tuple[str, int]], None]:
         dest_root = _path(uri)
 
         def one(item: Tuple[str, int]) -> None:
-            _copy_tree_file(src_root, dest_root, item[0], item[1], skip_unchanged, fsync, prog)
+            rel, size = item
+            _copy_tree_file(src_root, dest_root, rel, size, skip_unchanged, fsync, prog, known.get(rel))
 
         return one
 
@@ -213,10 +230,12 @@ class LocalBackend:
         require_checksum: bool,
         fsync: bool,
         prog: Progress,
+        digests: MutableMapping[str, str],
     ) -> Callable[[Tuple[str, str, int]], None]:
         src_root = _path(uri)
 
         def one(item: Tuple[str, str, int]) -> None:
-            _copy_tree_file(src_root, dest_root, item[0], item[2], skip_unchanged, fsync, prog)
+            rel, _, size = item
+            digests[rel] = _copy_tree_file(src_root, dest_root, rel, size, skip_unchanged, fsync, prog)
 
         return one

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, NoReturn, Optional, Tuple
+from typing import Any, Callable, Iterator, Mapping, MutableMapping, NoReturn, Optional, Tuple
 
 from .base import SHA256_METADATA, ChecksumMismatch, NotFound, ObjectInfo, StorageError, sha256_file
 from .local import atomic_write, file_size, temp_path
@@ -302,21 +302,28 @@ class S3Backend:
             _raise(exc, "put", bucket, key, self.endpoint)
 
     def _put_file(
-        self, src: Path, bucket: str, key: str, on_bytes: Optional[Callable[[int], None]] = None
+        self,
+        src: Path,
+        bucket: str,
+        key: str,
+        on_bytes: Optional[Callable[[int], None]] = None,
+        sha: Optional[str] = None,
     ) -> Tuple[int, str]:
-        """Upload one file; small files in one PUT from memory, large ones multipart. Returns (size, sha256)."""
+        """Upload one file; small files in one PUT from memory, large ones multipart. `sha`, the file's
+        sha256 when the caller already knows it, is stored as is (the file is not hashed again).
+        Returns (size, sha256)."""
         try:
             size = src.stat().st_size
         except FileNotFoundError as exc:
             raise NotFound(f"put {src} -> s3://{bucket}/{key}: no such file {src}") from exc
         if size <= self.threshold:
             data = src.read_bytes()
-            sha = hashlib.sha256(data).hexdigest()
+            sha = sha or hashlib.sha256(data).hexdigest()
             self._put(data, bucket, key, sha)
             if on_bytes is not None:
                 on_bytes(len(data))
             return len(data), sha
-        sha = sha256_file(src)
+        sha = sha or sha256_file(src)
         try:
             with self._transfer_manager() as manager:
                 future = manager.upload(
@@ -331,7 +338,8 @@ class S3Backend:
             _raise(exc, "put", bucket, key, self.endpoint)
         return size, sha
 
-    def _get(self, bucket: str, key: str, require: bool) -> Tuple[bytes, bool]:
+    def _get(self, bucket: str, key: str, require: bool) -> Tuple[bytes, bool, str]:
+        """(data, verified, sha256 of data)."""
         uri = f"s3://{bucket}/{key}"
         for attempt in range(_STREAM_ATTEMPTS):
             try:
@@ -347,7 +355,7 @@ class S3Backend:
                 _raise(exc, "get", bucket, key, self.endpoint)
         sha = hashlib.sha256(data).hexdigest()
         verified = _check_sha(uri, resp.get("Metadata", {}).get(SHA256_METADATA), sha, self.endpoint, require)
-        return data, verified
+        return data, verified, sha
 
     def _get_file(
         self,
@@ -358,9 +366,9 @@ class S3Backend:
         size: Optional[int] = None,
         on_bytes: Optional[Callable[[int], None]] = None,
         fsync: bool = True,
-    ) -> Tuple[int, bool]:
+    ) -> Tuple[int, bool, str]:
         """Download to dest via a temp file, verifying sha256 before the rename. `size` (from a listing)
-        lets small objects skip the HEAD. Returns (size, verified)."""
+        lets small objects skip the HEAD. Returns (size, verified, sha256 of the bytes now at dest)."""
         uri = f"s3://{bucket}/{key}"
         head = None
         if size is None or size > self.threshold:
@@ -371,12 +379,12 @@ class S3Backend:
         try:
             if size <= self.threshold:
                 # One GET: data and metadata come from the same response, so they describe one version.
-                data, verified = self._get(bucket, key, require)
+                data, verified, sha = self._get(bucket, key, require)
                 with atomic_write(dest, fsync) as (f, _):
                     f.write(data)
                 if on_bytes is not None:
                     on_bytes(len(data))
-                return len(data), verified
+                return len(data), verified, sha
             assert head is not None
             expected = head.get("Metadata", {}).get(SHA256_METADATA)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -389,7 +397,8 @@ class S3Backend:
                         manager.download(bucket, key, str(tmp), subscribers=[counter]).result()
                 except Exception as exc:
                     _raise(exc, "get", bucket, key, self.endpoint)
-                verified = _check_sha(uri, expected, sha256_file(tmp), self.endpoint, require)
+                sha = sha256_file(tmp)
+                verified = _check_sha(uri, expected, sha, self.endpoint, require)
                 if fsync:
                     fd = os.open(tmp, os.O_RDONLY)
                     try:
@@ -401,7 +410,7 @@ class S3Backend:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-            return size, verified
+            return size, verified, sha
         except OSError as exc:
             raise StorageError(f"get {uri} -> {dest}: {exc}") from exc
 
@@ -444,9 +453,12 @@ class S3Backend:
             raise NotFound(f"get {uri}: no such object at {_endpoint_name(self.endpoint)}")
         size = int(head["ContentLength"])
         progress = Progress(f"get {uri} -> {dest}", size, quiet_below_s=5.0)
-        self._get_file(bucket, key, dest, require_checksum, size=size, on_bytes=progress.update)
+        size, verified, sha = self._get_file(
+            bucket, key, dest, require_checksum, size=size, on_bytes=progress.update
+        )
         progress.finish()
-        return ObjectInfo(uri, size, head.get("Metadata", {}).get(SHA256_METADATA))
+        # The digest of the bytes written, which the object's metadata matched (None without metadata).
+        return ObjectInfo(uri, size, sha if verified else None)
 
     def head(self, uri: str) -> ObjectInfo:
         resp = self._head(*split_object(uri))
@@ -486,7 +498,13 @@ class S3Backend:
         return len(keys)
 
     def tree_uploader(
-        self, src_root: Path, uri: str, skip_unchanged: bool, fsync: bool, prog: Progress
+        self,
+        src_root: Path,
+        uri: str,
+        skip_unchanged: bool,
+        fsync: bool,
+        prog: Progress,
+        known: Mapping[str, str],
     ) -> Callable[[Tuple[str, int]], None]:
         bucket, key = split_uri(uri)
         prefix = _tree_prefix(key)
@@ -495,13 +513,15 @@ class S3Backend:
 
         def one(item: Tuple[str, int]) -> None:
             rel, size = item
-            src, dest_key = src_root / rel, prefix + rel
+            src, dest_key, src_sha = src_root / rel, prefix + rel, known.get(rel)
             if remote.get(dest_key) == size:
                 sha = self._head_sha(bucket, dest_key)
-                if sha and sha == sha256_file(src):
-                    prog.file_done(skipped=True)
-                    return
-            self._put_file(src, bucket, dest_key, prog.update)
+                if sha:
+                    src_sha = src_sha or sha256_file(src)
+                    if sha == src_sha:
+                        prog.file_done(skipped=True)
+                        return
+            self._put_file(src, bucket, dest_key, prog.update, src_sha)
             prog.file_done()
 
         return one
@@ -526,6 +546,7 @@ class S3Backend:
         require_checksum: bool,
         fsync: bool,
         prog: Progress,
+        digests: MutableMapping[str, str],
     ) -> Callable[[Tuple[str, str, int]], None]:
         bucket, _ = split_uri(uri)
 
@@ -535,9 +556,12 @@ class S3Backend:
             if skip_unchanged and file_size(dest) == size and dest.is_file():
                 sha = self._head_sha(bucket, obj_key)
                 if sha and sha == sha256_file(dest):
+                    digests[rel] = sha
                     prog.file_done(skipped=True)
                     return
-            _, verified = self._get_file(bucket, obj_key, dest, require_checksum, size, prog.update, fsync)
+            _, verified, digests[rel] = self._get_file(
+                bucket, obj_key, dest, require_checksum, size, prog.update, fsync
+            )
             prog.file_done(verified=verified)
 
         return one
