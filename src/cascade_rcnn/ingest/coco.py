@@ -327,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="ingest again even if the manifest matches")
     parser.add_argument("--workers", type=int, default=16)
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cascade_rcnn.logs import setup_logging
+
+    setup_logging()
     try:
         result = ingest_coco(
             args.source,
