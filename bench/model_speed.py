@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cascade_rcnn.config import load_config  # noqa: E402
+from cascade_rcnn.logs import setup_logging  # noqa: E402
 from cascade_rcnn.modeling import build_model  # noqa: E402
 from cascade_rcnn.structures import Targets  # noqa: E402
 
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         help="print the top-N ops of one train step and one inference to stderr",
     )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING)
 
     torch.set_num_threads(args.threads)
     malloc_tuned = keep_freed_memory() if args.keep_freed_memory else False

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cascade_rcnn import storage
 from cascade_rcnn.local_s3 import start_seaweedfs
+from cascade_rcnn.logs import setup_logging
 
 BUCKET = "bench"
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aws", default=str(Path(sys.executable).with_name("aws")), help="awscli binary")
     parser.add_argument("--work-dir", default=None, help="scratch directory (default: a temp dir, removed)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING)
     if not (os.path.isfile(args.aws) or shutil.which(args.aws)):
         parser.error(f"awscli not found at {args.aws} (pip install awscli or pass --aws)")
 

@@ -25,6 +25,7 @@ from cascade_rcnn.accel import Accelerator, amp_dtype_from, resolve_accelerator
 from cascade_rcnn.config import load_config
 from cascade_rcnn.engine.solver import build_lr_scheduler, build_optimizer
 from cascade_rcnn.engine.trainer import Trainer
+from cascade_rcnn.logs import setup_logging
 from cascade_rcnn.structures import Targets
 
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
 

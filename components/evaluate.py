@@ -26,13 +26,12 @@ def evaluate(
     report: Output[HTML],
 ):
     """Evaluate `model`'s checkpoint on `split` of the dataset (max_images: the first N, 0: all)."""
-    import logging
-
     from cascade_rcnn import storage
     from cascade_rcnn.config import load_config
     from cascade_rcnn.evaluation import evaluate_checkpoint, kfp_metrics
+    from cascade_rcnn.logs import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     output = storage.join(root, "runs", run_id or job_id, "eval")
     cfg = load_config(config, ["MODEL.DEVICE", device, *[str(x) for x in config_opts]])
     weights = model.metadata["checkpoint_uri"]
@@ -43,14 +42,12 @@ def evaluate(
         split,
         output,
         max_images=max_images if max_images > 0 else None,
+        report_md_to=table.path,
+        report_html_to=report.path,
     )
     for name, value in kfp_metrics(results).items():
         metrics.log_metric(name, value)
     metrics.metadata["output_uri"] = output
-    with open(table.path, "wb") as f:
-        f.write(storage.get_bytes(storage.join(output, "report.md")))
-    with open(report.path, "wb") as f:
-        f.write(storage.get_bytes(storage.join(output, "report.html")))
 
 
 def build(base_image: str) -> PythonComponent:

@@ -15,14 +15,14 @@ def fetch_weights(source: str, sha256: str, root: str, model: Output[Model]):
     the same object rather than piling up copies."""
     import hashlib
     import json
-    import logging
     import posixpath
     import re
 
     from cascade_rcnn import storage
+    from cascade_rcnn.logs import setup_logging
     from cascade_rcnn.weights import fetch_weights as run_fetch
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     stem = posixpath.splitext(posixpath.basename(source.rstrip("/")))[0]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "weights"
     key = hashlib.sha256(source.encode()).hexdigest()[:12]

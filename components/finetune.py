@@ -1,5 +1,5 @@
 """Component `finetune`: fine-tune train's Model on new data with a fresh schedule
-(`cascade-rcnn finetune --weights ...`, cascade_rcnn.engine.launch).
+(cascade_rcnn.engine.launch.run_training, as `cascade-rcnn finetune --weights ...`).
 
 Checkpoints go to `<root>/runs/<run id>/finetune/`; like train, a retry resumes from there.
 """
@@ -35,22 +35,24 @@ def finetune(
     import json
 
     from cascade_rcnn import storage
-    from cascade_rcnn.engine.pipeline_step import run_training_step
+    from cascade_rcnn.engine.launch import TrainJob, run_training
 
-    info = run_training_step(
-        "finetune",
-        config=config,
-        data=data or dataset.metadata["manifest_uri"],
-        init=base_model.metadata["checkpoint_uri"],
-        output=storage.join(root, "runs", run_id or job_id, "finetune"),
-        iterations=iterations,
-        learning_rate=learning_rate,
-        batch_per_device=batch_per_device,
-        nproc_per_node=nproc_per_node,
-        accelerator=accelerator,
-        device=device,
-        amp=amp,
-        opts=[*config_opts, *finetune_opts],
+    info = run_training(
+        TrainJob(
+            config=config,
+            data=data or dataset.metadata["manifest_uri"],
+            output=storage.join(root, "runs", run_id or job_id, "finetune"),
+            init_weights=base_model.metadata["checkpoint_uri"],
+            finetune=True,
+            iterations=iterations,
+            learning_rate=learning_rate,
+            batch_per_device=batch_per_device,
+            nproc_per_node=nproc_per_node,
+            accelerator=accelerator,
+            device=device,
+            amp=amp,
+            opts=[*config_opts, *finetune_opts],
+        )
     )
     model.metadata.update(info)
     with open(model.path, "w") as f:

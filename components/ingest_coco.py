@@ -26,11 +26,11 @@ def ingest_coco(
     strict: fail on them instead (a box overhanging by at most 1 px is still clipped).
     """
     import json
-    import logging
 
     from cascade_rcnn.ingest import ingest_coco as run_ingest
+    from cascade_rcnn.logs import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     result = run_ingest(
         source,
         root,

@@ -1,5 +1,5 @@
 """Component `train`: Cascade Mask R-CNN training, one process per accelerator
-(`cascade-rcnn train --nproc-per-node N`, cascade_rcnn.engine.launch).
+(cascade_rcnn.engine.launch.run_training, as `cascade-rcnn train --nproc-per-node N`).
 
 Checkpoints go to `<root>/runs/<run id>/train/`, the same prefix on every retry of the step, so a
 retried pod resumes from the prefix's `last_checkpoint` instead of starting over.
@@ -38,22 +38,23 @@ def train(
     import json
 
     from cascade_rcnn import storage
-    from cascade_rcnn.engine.pipeline_step import run_training_step
+    from cascade_rcnn.engine.launch import TrainJob, run_training
 
-    info = run_training_step(
-        "train",
-        config=config,
-        data=dataset.metadata["manifest_uri"],
-        init=weights.metadata["checkpoint_uri"],
-        output=storage.join(root, "runs", run_id or job_id, "train"),
-        iterations=iterations,
-        learning_rate=learning_rate,
-        batch_per_device=batch_per_device,
-        nproc_per_node=nproc_per_node,
-        accelerator=accelerator,
-        device=device,
-        amp=amp,
-        opts=config_opts,
+    info = run_training(
+        TrainJob(
+            config=config,
+            data=dataset.metadata["manifest_uri"],
+            output=storage.join(root, "runs", run_id or job_id, "train"),
+            init_weights=weights.metadata["checkpoint_uri"],
+            iterations=iterations,
+            learning_rate=learning_rate,
+            batch_per_device=batch_per_device,
+            nproc_per_node=nproc_per_node,
+            accelerator=accelerator,
+            device=device,
+            amp=amp,
+            opts=config_opts,
+        )
     )
     model.metadata.update(info)
     with open(model.path, "w") as f:

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from cascade_rcnn.logs import setup_logging
 from pipelines.params import ParameterError, kfp_cron
 from pipelines.training import COMPILED, CompileOptions, compile_pipeline
 
@@ -214,7 +215,7 @@ def _run_local(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         if args.command == "compile":
             path = compile_pipeline(args.output, compile_options(args))

@@ -174,13 +174,14 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         weights_task.set_display_name("fetch weights").after(ingest_task)
         _with_s3_secret(weights_task, s3_secret, opts)
 
+        # What train, evaluate and finetune share: the ingested data set, the config, and the run's
+        # output prefix (<root>/runs/<run_id, else the KFP job's id>/).
+        run_inputs = dict(
+            dataset=ingest_task.outputs["dataset"], config=config, root=root, run_id=run_id, job_id=job_id
+        )
         train_task = train_op(
-            dataset=ingest_task.outputs["dataset"],
+            **run_inputs,
             weights=weights_task.outputs["model"],
-            config=config,
-            root=root,
-            run_id=run_id,
-            job_id=job_id,
             iterations=iterations,
             learning_rate=learning_rate,
             batch_per_device=batch_per_device,
@@ -196,12 +197,8 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         _with_s3_secret(train_task, s3_secret, opts)
 
         eval_task = evaluate_op(
-            dataset=ingest_task.outputs["dataset"],
+            **run_inputs,
             model=train_task.outputs["model"],
-            config=config,
-            root=root,
-            run_id=run_id,
-            job_id=job_id,
             split=eval_split,
             max_images=eval_max_images,
             device=device,
@@ -214,13 +211,9 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
 
         with dsl.If(finetune == True, name="finetune-enabled"):  # noqa: E712 (builds a kfp condition)
             finetune_task = finetune_op(
-                dataset=ingest_task.outputs["dataset"],
+                **run_inputs,
                 base_model=train_task.outputs["model"],
                 data=finetune_data,
-                config=config,
-                root=root,
-                run_id=run_id,
-                job_id=job_id,
                 iterations=finetune_iterations,
                 learning_rate=finetune_learning_rate,
                 batch_per_device=batch_per_device,

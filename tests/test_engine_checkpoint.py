@@ -13,7 +13,7 @@ from cascade_rcnn.engine.checkpointer import (
     FINAL,
     POINTER,
     Checkpointer,
-    CheckpointError,
+    TrainingCheckpointError,
     capture_rng,
     periodic_name,
     restore_rng,
@@ -70,7 +70,7 @@ def test_corrupt_checkpoint_is_reported_clearly(tmp_path):
     ck.save(periodic_name(3), _payload(3))
     path = tmp_path / "model_0000003.pth"
     path.write_bytes(path.read_bytes()[:100])  # a truncated file
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(TrainingCheckpointError) as e:
         ck.load(ck.last_checkpoint())
     msg = str(e.value)
     assert "model_0000003.pth" in msg and "corrupt" in msg and "model_0000001.pth" in msg
@@ -79,10 +79,10 @@ def test_corrupt_checkpoint_is_reported_clearly(tmp_path):
 def test_pointer_to_missing_file(tmp_path):
     ck = Checkpointer(str(tmp_path))
     (tmp_path / POINTER).write_text("model_0000042.pth")
-    with pytest.raises(CheckpointError, match="model_0000042.pth.*does not exist"):
+    with pytest.raises(TrainingCheckpointError, match="model_0000042.pth.*does not exist"):
         ck.last_checkpoint()
     (tmp_path / POINTER).write_text("../elsewhere.pth")
-    with pytest.raises(CheckpointError, match="expected a checkpoint file name"):
+    with pytest.raises(TrainingCheckpointError, match="expected a checkpoint file name"):
         ck.last_checkpoint()
 
 
@@ -90,7 +90,7 @@ def test_foreign_file_lacks_trainer_state(tmp_path):
     ck = Checkpointer(str(tmp_path))
     torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "model_0000000.pth")
     (tmp_path / POINTER).write_text("model_0000000.pth")
-    with pytest.raises(CheckpointError, match="'trainer'"):
+    with pytest.raises(TrainingCheckpointError, match="'trainer'"):
         ck.load(ck.last_checkpoint())
 
 

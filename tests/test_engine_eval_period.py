@@ -152,23 +152,24 @@ def test_two_processes_evaluate_their_shards(shapes, tmp_path):
 
 
 def test_pipeline_step_record_carries_the_last_evaluation(shapes, tmp_path):
-    from cascade_rcnn.engine.pipeline_step import run_training_step
+    from cascade_rcnn.engine.launch import TrainJob, run_training
 
     out = str(tmp_path / "out")
-    record = run_training_step(
-        "train",
-        config=CONFIG,
-        data=shapes,
-        init=FAST[FAST.index("MODEL.WEIGHTS") + 1],
-        output=out,
-        iterations=2,
-        learning_rate=0.01,
-        batch_per_device=2,
-        nproc_per_node=1,
-        accelerator="cpu",
-        device="cpu",
-        amp=False,
-        opts=[*FAST, *VAL, "TEST.EVAL_PERIOD", "1"],  # validation: DATASETS.TEST (coco_2017_val)
+    record = run_training(
+        TrainJob(
+            config=CONFIG,
+            data=shapes,
+            init_weights=FAST[FAST.index("MODEL.WEIGHTS") + 1],
+            output=out,
+            iterations=2,
+            learning_rate=0.01,
+            batch_per_device=2,
+            nproc_per_node=1,
+            accelerator="cpu",
+            device="cpu",
+            amp=False,
+            opts=[*FAST, *VAL, "TEST.EVAL_PERIOD", "1"],  # validation: DATASETS.TEST (coco_2017_val)
+        )
     )
     _, evals = rows_of(out)
     assert [r["iteration"] for r in evals] == [0, 1]

@@ -75,3 +75,31 @@ def test_output_defaults_to_the_configs_output_dir(tmp_path):
     args = build_parser("train").parse_args([*base, "--opts", "OUTPUT_DIR", ""])
     with pytest.raises(SystemExit, match="OUTPUT_DIR is empty"):
         job_from_args("train", args)
+
+
+def test_pipeline_step_settings_become_typed_overrides_before_opts():
+    """TrainJob.overrides() gives the config the pipeline step's string opts used to give it."""
+    import pickle
+    from pathlib import Path
+
+    from cascade_rcnn.config import load_config
+    from cascade_rcnn.engine.run import TrainJob
+
+    config = str(
+        Path(__file__).resolve().parents[1] / "configs" / "Misc" / "cascade_mask_rcnn_R_50_FPN_1x.yaml"
+    )
+    job = TrainJob(
+        config=config, data="d", output="o", init_weights="w.pkl", iterations=90, learning_rate=0.02,
+        batch_per_device=2, device="cpu", amp=True, opts=["SOLVER.BASE_LR", "0.03"],
+    )  # fmt: skip
+    strings = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "w.pkl", "SOLVER.MAX_ITER", "90",
+               "SOLVER.STEPS", "(60, 80)", "SOLVER.BASE_LR", "0.02", "SOLVER.IMS_PER_BATCH", "16",
+               "SOLVER.AMP.ENABLED", "True", "SOLVER.BASE_LR", "0.03"]  # fmt: skip
+    cfg = load_config(config, job.overrides(8))
+    assert cfg == load_config(config, strings)
+    assert cfg.SOLVER.BASE_LR == 0.03 and cfg.SOLVER.STEPS == (60, 80) and cfg.MODEL.WEIGHTS == "w.pkl"
+    finetune = TrainJob(config=config, data="d", output="o", init_weights="w.pkl", finetune=True)
+    assert finetune.overrides(1) == []  # finetune loads init_weights itself; the CLI sets nothing
+    # The workers get the CfgNode itself: it pickles exactly (tuples stay tuples).
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and type(again.SOLVER) is type(cfg.SOLVER) and again.SOLVER.STEPS == (60, 80)

@@ -7,6 +7,7 @@ import io
 import json
 import stat
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -684,6 +685,82 @@ def test_ingest_from_local_dir_and_change_detection(coco_dir, tmp_path):
     assert not second.reused and second.counts["val2017"]["num_annotations"] == 7
     # Unchanged files were not copied again.
     assert second.transferred_files == 1
+
+
+_real_sha256 = hashlib.sha256  # unwrapped, for the tests' own checks
+
+
+class _CountingHash:
+    """A real hashlib object that counts, by hex digest, each content it finished hashing."""
+
+    def __init__(self, real, counts: Counter):
+        self._real, self._counts = real, counts
+
+    def update(self, data) -> None:
+        self._real.update(data)
+
+    def hexdigest(self) -> str:
+        digest = self._real.hexdigest()
+        self._counts[digest] += 1
+        return digest
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def hash_counts(monkeypatch) -> Counter:
+    """How many times each content's sha256 is computed: storage and ingest hash files and in-memory
+    bytes through hashlib.sha256 / hashlib.new, which are wrapped (the hashing itself is real)."""
+    counts: Counter = Counter()
+    real_sha256, real_new = hashlib.sha256, hashlib.new
+    monkeypatch.setattr(hashlib, "sha256", lambda *a, **k: _CountingHash(real_sha256(*a, **k), counts))
+    monkeypatch.setattr(hashlib, "new", lambda *a, **k: _CountingHash(real_new(*a, **k), counts))
+    return counts
+
+
+def _hashes_per_file(manifest_uri: str, counts: Counter) -> dict[str, int]:
+    seen = dict(counts)  # before this function's own hashing
+    manifest = json.loads(storage.get_bytes(manifest_uri))
+    for f in manifest["files"]:  # each digest describes the bytes stored, in the manifest and on S3
+        uri = storage.join(manifest["root"], f["path"])
+        assert f["sha256"] == _real_sha256(storage.get_bytes(uri)).hexdigest()
+        if storage.is_s3(uri):
+            assert storage.head(uri).sha256 == f["sha256"]
+    return {f["path"]: seen.get(f["sha256"], 0) for f in manifest["files"]}
+
+
+def test_ingest_hashes_each_file_once(coco_dir, s3_env, tmp_path, hash_counts):
+    src_dir, data = coco_dir
+    _write_val(src_dir, data["val2017"], DEFECTS[:6])  # repaired: the original JSON is stored too
+    prefix = f"s3://{s3_env}/incoming/coco"
+    storage.upload_tree(str(src_dir), prefix, workers=2, progress=False)
+    root = f"s3://{s3_env}/store"
+    # From S3: verified while downloading, that digest goes into the manifest and onto the objects.
+    hash_counts.clear()
+    first = ingest_coco(prefix, root, workers=2)
+    per_file = _hashes_per_file(first.manifest_uri, hash_counts)
+    assert "annotations/original/instances_val2017.json" in per_file and len(per_file) == 3 + 4 + 6
+    assert set(per_file.values()) == {1}, per_file
+    # Again (forced): every object is found unchanged by the manifest's digest, none read twice.
+    hash_counts.clear()
+    again = ingest_coco(prefix, root, workers=2, force=True)
+    assert again.transferred_files == 0
+    assert set(_hashes_per_file(again.manifest_uri, hash_counts).values()) == {1}
+    # A subset (the JSON rewritten after its download) from S3 to a local root.
+    hash_counts.clear()
+    sub = ingest_coco(prefix, str(tmp_path / "store"), splits=("train2017",), max_images=3, workers=2)
+    assert set(_hashes_per_file(sub.manifest_uri, hash_counts).values()) == {1}
+
+    # From a local directory to a local root: hashed for the manifest, copied without hashing again.
+    hash_counts.clear()
+    local = ingest_coco(str(src_dir), str(tmp_path / "local"), name="c", workers=2)
+    assert set(_hashes_per_file(local.manifest_uri, hash_counts).values()) == {1}
+    # Forced again: the stored copy has no metadata, so it is read once too, to find it unchanged.
+    hash_counts.clear()
+    local = ingest_coco(str(src_dir), str(tmp_path / "local"), name="c", workers=2, force=True)
+    assert local.transferred_files == 0
+    assert set(_hashes_per_file(local.manifest_uri, hash_counts).values()) == {2}
 
 
 def test_cli_ingest(coco_dir, tmp_path, capsys):

@@ -218,6 +218,26 @@ def test_s3_tree_sync_2000_files(s3_env: str, tmp_path: Path) -> None:
         storage.download_tree(f"s3://{s3_env}/nothing-here", tmp_path / "none")
 
 
+def test_tree_transfers_carry_digests(s3_env: str, tmp_path: Path) -> None:
+    files = _make_tree(tmp_path / "src", 20)
+    digests = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    odd = "d1/sub1/img_00001.bin"
+    given = {**digests, odd: "0" * 64}  # not the file's: shows the given digest is used, not recomputed
+    prefix = f"s3://{s3_env}/carried"
+    storage.upload_tree(tmp_path / "src", prefix, workers=4, progress=False, sha256=given)
+    assert storage.head(f"{prefix}/{odd}").sha256 == "0" * 64
+    stats = storage.upload_tree(tmp_path / "src", prefix, progress=False, skip_unchanged=True, sha256=digests)
+    assert (stats.files, stats.skipped) == (1, 19)
+    assert storage.head(f"{prefix}/{odd}").sha256 == digests[odd]  # differed, so it was sent again
+    # Downloads give the digest of every file they leave, downloaded or kept as unchanged.
+    for src in (prefix, tmp_path / "src"):
+        for skip in (False, True):
+            stats = storage.download_tree(
+                src, tmp_path / f"dst-{storage.is_s3(src)}", progress=False, skip_unchanged=skip
+            )
+            assert dict(stats.sha256) == digests and stats.skipped == (20 if skip else 0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Integrity
 

@@ -12,7 +12,7 @@
 #
 # Rebuilds are cheap when nothing changed: the image carries a label with the hash of its build
 # context, base image and pip settings, and a build whose hash matches is skipped (podman's own
-# layer cache would still spend a minute hashing the 6 GB environment for COPY --from). Layers are
+# layer cache would still hash the whole multi-GB environment for COPY --from). Layers are
 # cached (--layers), the build stage tagged TAG-build so its layers stay cached; the images a
 # rebuild replaces under both tags are removed (each holds a 6 GB environment).
 set -euo pipefail

@@ -216,8 +216,8 @@ def accelerator_from_cfg(cfg, local_rank: int = 0) -> Accelerator:
     amp = amp_dtype_from(bool(cfg.SOLVER.AMP.ENABLED), cfg.SOLVER.AMP.DTYPE)
     accel = resolve_accelerator(str(cfg.MODEL.DEVICE), local_rank, amp)
     if accel.type == "cpu" and accel.amp_dtype == torch.float16:
-        # The pipeline's amp=True default is for NPU/GPU. CPUs have no fp16 kernels (autocast ran ~5x
-        # slower than float32 here) and GradScaler is CUDA/NPU-only, so fp16 gradients would go unscaled.
+        # The pipeline's amp=True default is for NPU/GPU. CPUs have no fast fp16 kernels (autocast is
+        # slower than float32) and GradScaler is CUDA/NPU-only, so fp16 gradients would go unscaled.
         log.warning(
             "SOLVER.AMP.DTYPE=float16 on CPU: running float32 instead (set SOLVER.AMP.DTYPE bfloat16 "
             "for CPU autocast)"

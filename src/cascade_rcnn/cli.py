@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     # Modules that own two commands (train/finetune) take the command name.
-    if hasattr(module, "main_for"):
-        return int(module.main_for(name, rest) or 0)
+    if hasattr(module, "run_command"):
+        return int(module.run_command(name, rest) or 0)
     return int(module.main(rest) or 0)
 
 

@@ -27,10 +27,10 @@ class ConfigError(ValueError):
 class CfgNode(dict):
     """A dict with attribute access whose key set is fixed once `freeze()` or a merge checks it."""
 
-    def __init__(self, init: dict | None = None):
+    def __init__(self, entries: dict | None = None):
         super().__init__()
         self.__dict__["_frozen"] = False
-        for key, value in (init or {}).items():
+        for key, value in (entries or {}).items():
             self[key] = (
                 CfgNode(value) if isinstance(value, dict) and not isinstance(value, CfgNode) else value
             )

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cascade_rcnn.logs import setup_logging
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ACCESS_KEY = "cascade-test-key"
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
     parser.add_argument("--remove", action="store_true", help="delete the data directory on exit")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     server = start_seaweedfs(args.data, args.access_key, args.secret_key, remove_data=args.remove)
     try:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cascade_rcnn.checkpoint import CheckpointError, load_pretrained
+from cascade_rcnn.config_command import add_config_options, run_with_config
 
 logger = logging.getLogger(__name__)
 
@@ -258,16 +259,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="cascade-rcnn predict",
         description="Run Cascade Mask R-CNN on images and write detections (boxes, scores, classes, RLE masks) as JSON.",
     )
-    p.add_argument("--config", required=True, help="detectron2-style YAML config")
+    add_config_options(p, "config overrides as KEY VALUE pairs (end the list with another option or `--`)")
     p.add_argument(
         "--weights", default=None, help="weights file or URI (default: MODEL.WEIGHTS of the config)"
-    )
-    p.add_argument(
-        "--opts",
-        nargs="*",
-        default=[],
-        metavar="KEY VALUE",
-        help="config overrides as KEY VALUE pairs (end the list with another option or `--`)",
     )
     p.add_argument("--output", required=True, help="output JSON path or s3:// URI")
     p.add_argument(
@@ -282,28 +276,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if len(args.opts) % 2:
-        print(f"cascade-rcnn predict: error: --opts needs KEY VALUE pairs, got {args.opts}", file=sys.stderr)
-        return 2
     from cascade_rcnn.accel import AcceleratorError
-    from cascade_rcnn.config import ConfigError, load_config
+    from cascade_rcnn.config import ConfigError
 
-    try:
-        cfg = load_config(args.config, args.opts)
+    def predict(cfg) -> int:
         if not (args.weights if args.weights is not None else cfg.MODEL.WEIGHTS).strip():
             raise PredictError(f"no weights: pass --weights or set MODEL.WEIGHTS in {args.config}")
         records = predict_files(
             cfg, args.weights, args.images, args.batch_size, categories_file=args.categories
         )
         write_json(records, args.output)
-    except (PredictError, CheckpointError, ConfigError, AcceleratorError) as e:
-        print(f"cascade-rcnn predict: error: {e}", file=sys.stderr)
-        return 2
-    total = sum(len(r["instances"]) for r in records)
-    logger.info("Wrote %d detections on %d images to %s", total, len(records), args.output)
-    return 0
+        total = sum(len(r["instances"]) for r in records)
+        logger.info("Wrote %d detections on %d images to %s", total, len(records), args.output)
+        return 0
+
+    errors = (PredictError, CheckpointError, ConfigError, AcceleratorError)
+    return run_with_config("cascade-rcnn predict", args, predict, errors, error_status=2)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from cascade_rcnn.storage import local_path
+
 logger = logging.getLogger(__name__)
 
 # How many individual problems an error message lists before summarizing the rest.
@@ -78,15 +80,11 @@ def _is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def _local_path(uri: str) -> str:
-    return uri[len("file://") :] if uri.startswith("file://") else uri
-
-
 def join_image_path(image_root: str, file_name: str) -> str:
     """`image_root`/`file_name` for a local directory or an s3:// prefix."""
     if _is_remote(image_root):
         return image_root.rstrip("/") + "/" + file_name.lstrip("/")
-    return os.path.join(_local_path(image_root), file_name)
+    return os.path.join(local_path(image_root), file_name)
 
 
 def read_json(path_or_uri: str) -> Any:
@@ -96,7 +94,7 @@ def read_json(path_or_uri: str) -> Any:
 
         raw = storage.get_bytes(path_or_uri)
     else:
-        path = _local_path(path_or_uri)
+        path = local_path(path_or_uri)
         if not os.path.isfile(path):
             raise DataError(f"{path_or_uri}: annotation file does not exist")
         with open(path, "rb") as f:
@@ -144,14 +142,17 @@ def load_coco_json(
     dataset_name: str = "",
     check_images: bool = False,
     bbox_tolerance: float = 2.0,
+    data: Any = None,
 ) -> tuple[list[dict], DatasetMeta]:
     """Read a COCO instances file into records (see module docstring) and the category mapping.
 
     image_root: local directory or s3:// prefix that the images' file_name is relative to.
     check_images: verify every image exists (one listing for s3://, a stat per file locally).
     bbox_tolerance: pixels a box may reach beyond its image before it is an error.
+    data: the file's parsed JSON when the caller has read it already (read_json); it is not modified.
     """
-    data = read_json(json_path_or_uri)
+    if data is None:
+        data = read_json(json_path_or_uri)
     json_file = json_path_or_uri
     if not isinstance(data, dict):
         raise DataError(f"{json_file}: top level must be a JSON object with 'images' and 'categories'")
@@ -349,13 +350,3 @@ def filter_empty(records: list[dict]) -> list[dict]:
             len(kept),
         )
     return kept
-
-
-def class_histogram(records: list[dict], num_classes: int) -> list[int]:
-    """Non-crowd instance count per contiguous class."""
-    counts = [0] * num_classes
-    for r in records:
-        for a in r.get("annotations", ()):
-            if not a.get("iscrowd", 0):
-                counts[a["category_id"]] += 1
-    return counts

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from cascade_rcnn import storage
 from cascade_rcnn.data.coco import DataError
 from cascade_rcnn.data.image_io import read_image
 from cascade_rcnn.data.transforms import HFlipTransform, ResizeTransform, resize_shortest_edge_shape
@@ -29,13 +30,6 @@ from cascade_rcnn.structures import Targets
 _MIN_BOX_SIDE = 1e-5
 
 
-def default_cache_dir() -> str:
-    """Where remote images are cached: $CASCADE_RCNN_CACHE, else ~/.cache/cascade_rcnn."""
-    return os.environ.get("CASCADE_RCNN_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "cascade_rcnn"
-    )
-
-
 def local_image_file(file_name: str, cache_dir: Optional[str] = None) -> str:
     """Local path of an image: the path itself, or the cached copy of an s3:// object.
 
@@ -43,18 +37,14 @@ def local_image_file(file_name: str, cache_dir: Optional[str] = None) -> str:
     immutable, as the ingest step writes them once. Concurrent workers may fetch the same object: the
     storage layer writes atomically, so the last rename wins with identical bytes.
     """
-    if file_name.startswith("file://"):
-        return file_name[len("file://") :]
     if not file_name.startswith("s3://"):
-        return file_name
+        return storage.local_path(file_name)
     bucket, _, key = file_name[len("s3://") :].partition("/")
     parts = [bucket, *key.split("/")]
     if any(p in ("", ".", "..") for p in parts):
         raise DataError(f"{file_name}: this object key cannot be cached as a file")
-    path = os.path.join(cache_dir or default_cache_dir(), "s3", *parts)
+    path = os.path.join(cache_dir or storage.cache_dir(), "s3", *parts)
     if not os.path.isfile(path):
-        from cascade_rcnn import storage
-
         storage.get_file(file_name, path)
     return path
 

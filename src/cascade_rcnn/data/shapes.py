@@ -27,6 +27,8 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cascade_rcnn.logs import setup_logging
+
 logger = logging.getLogger(__name__)
 
 CATEGORIES = [
@@ -225,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shapes", type=int, default=5, help="most shapes per image")
     parser.add_argument("--crowd-every", type=int, default=8, help="every k-th image gets a crowd (0: none)")
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(fmt="%(levelname)s %(name)s: %(message)s")
     opts = dict(
         num_train=args.train,
         num_val=args.val,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cascade_rcnn.data.coco import DataError, DatasetMeta, load_coco_json, read_json
+from cascade_rcnn.storage import local_path
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def _exists(uri: str) -> bool:
         from cascade_rcnn import storage
 
         return storage.exists(uri)
-    return os.path.exists(uri[len("file://") :] if uri.startswith("file://") else uri)
+    return os.path.exists(local_path(uri))
 
 
 def _join(base: str, rel: str) -> str:

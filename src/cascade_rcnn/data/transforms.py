@@ -66,9 +66,7 @@ class ResizeTransform:
 
     def apply_polygons(self, polygons: list[np.ndarray]) -> list[np.ndarray]:
         """Flat x0, y0, x1, y1, ... arrays -> transformed flat float64 arrays."""
-        return [
-            self.apply_coords(np.asarray(p, dtype=np.float64).reshape(-1, 2)).reshape(-1) for p in polygons
-        ]
+        return _polygons_via_coords(self, polygons)
 
 
 @dataclass(frozen=True)
@@ -92,9 +90,7 @@ class HFlipTransform:
         return _boxes_via_corners(self, boxes)
 
     def apply_polygons(self, polygons: list[np.ndarray]) -> list[np.ndarray]:
-        return [
-            self.apply_coords(np.asarray(p, dtype=np.float64).reshape(-1, 2)).reshape(-1) for p in polygons
-        ]
+        return _polygons_via_coords(self, polygons)
 
 
 def _boxes_via_corners(transform, boxes: np.ndarray) -> np.ndarray:
@@ -103,3 +99,10 @@ def _boxes_via_corners(transform, boxes: np.ndarray) -> np.ndarray:
     corners = boxes[:, [0, 1, 2, 1, 0, 3, 2, 3]].reshape(-1, 2)
     corners = transform.apply_coords(corners).reshape(-1, 4, 2)
     return np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
+
+
+def _polygons_via_coords(transform, polygons: list[np.ndarray]) -> list[np.ndarray]:
+    """Each flat x0, y0, x1, y1, ... polygon through transform.apply_coords, as a flat float64 array."""
+    return [
+        transform.apply_coords(np.asarray(p, dtype=np.float64).reshape(-1, 2)).reshape(-1) for p in polygons
+    ]

@@ -30,8 +30,10 @@ FINAL = "model_final.pth"
 _PERIODIC = re.compile(r"model_(\d{7})\.pth$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or its pointer cannot be read or used; the message names the URI."""
+class TrainingCheckpointError(RuntimeError):
+    """A training checkpoint under the output, or its last_checkpoint pointer, cannot be used to
+    resume; the message names the URI. (cascade_rcnn.checkpoint.CheckpointError is about a weights
+    file; Checkpointer.load wraps it in this.)"""
 
 
 def periodic_name(iteration: int) -> str:
@@ -91,10 +93,10 @@ class Checkpointer:
             return None
         name = storage.get_bytes(pointer).decode().strip()
         if not name or "/" in name or name.startswith("."):
-            raise CheckpointError(f"{pointer}: expected a checkpoint file name, found {name!r}")
+            raise TrainingCheckpointError(f"{pointer}: expected a checkpoint file name, found {name!r}")
         uri = self.uri(name)
         if not storage.exists(uri):
-            raise CheckpointError(
+            raise TrainingCheckpointError(
                 f"{pointer} names {name}, but {uri} does not exist{self._others_hint(name)}"
             )
         return uri
@@ -111,17 +113,17 @@ class Checkpointer:
         )
 
     def load(self, uri: str) -> dict:
-        """Read a checkpoint with torch.load(weights_only=True); a corrupt file raises CheckpointError."""
+        """Read a checkpoint with torch.load(weights_only=True); a corrupt file raises TrainingCheckpointError."""
         try:
             payload = load_checkpoint(uri)
         except Exception as e:  # a truncated or foreign file surfaces as several error types
             name = uri.rsplit("/", 1)[-1]
-            raise CheckpointError(
+            raise TrainingCheckpointError(
                 f"checkpoint {uri} (named by {self.uri(POINTER)}) is corrupt or not a checkpoint: "
                 f"{type(e).__name__}: {e}{self._others_hint(name)}"
             ) from None
         if not isinstance(payload, dict) or "model" not in payload or "trainer" not in payload:
-            raise CheckpointError(
+            raise TrainingCheckpointError(
                 f"checkpoint {uri} lacks the 'model' and 'trainer' entries of a training checkpoint"
             )
         return payload

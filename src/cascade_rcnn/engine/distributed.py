@@ -1,5 +1,5 @@
 """Process-group setup with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
-seeding, and the small collectives the trainer needs."""
+seeding, the small collectives the trainer needs, and unwrapping a DistributedDataParallel model."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..accel import Accelerator
 
@@ -59,8 +60,20 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the world size of the initialised process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def shared_seed(seed: int) -> int:
@@ -96,11 +109,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def reduce_step_metrics(

@@ -1,4 +1,6 @@
-"""`cascade-rcnn train` and `cascade-rcnn finetune`: parse the command line and start the workers.
+"""Training and fine-tuning: `run_training(TrainJob)` starts the workers and returns the record of
+the final checkpoint. The pipeline's train and finetune components build the TrainJob from their
+parameters, `cascade-rcnn train|finetune` from its command line (`run_command`).
 
 Process layout follows torchrun:
 - already inside a torchrun/elastic worker (LOCAL_RANK set), or one process per pod as a PyTorchJob
@@ -18,7 +20,12 @@ import socket
 import sys
 import uuid
 
-from .run import TrainJob, run_worker, setup_logging
+from .. import storage
+from ..logs import setup_training_logging
+from .metrics import last_eval
+from .run import TrainJob, run_worker
+
+__all__ = ["TrainJob", "run_training", "run_command"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,7 @@ def job_from_args(command: str, args: argparse.Namespace) -> TrainJob:
         finetune=command == "finetune",
         eval_after=args.eval_after,
         keep_checkpoints=args.keep_checkpoints,
+        nproc_per_node=args.nproc_per_node,
     )
 
 
@@ -99,7 +107,7 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"environment {name}={raw!r} is not an integer") from None
 
 
-def launch_elastic(job: TrainJob, nproc_per_node: int) -> str | None:
+def launch_elastic(cfg, job: TrainJob, nproc_per_node: int) -> str | None:
     """N workers on this node (and PET_NNODES nodes in all), as torchrun's static rendezvous does."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -132,36 +140,65 @@ def launch_elastic(job: TrainJob, nproc_per_node: int) -> str | None:
     log.info(
         "starting %d workers on node %d of %d (master %s:%d)", nproc_per_node, node_rank, nnodes, addr, port
     )
-    results = elastic_launch(config, run_worker)(job)
+    results = elastic_launch(config, run_worker)(cfg, job)  # spawn pickles them
     return results.get(0) if isinstance(results, dict) else None
 
 
-def run(command: str, argv: list[str]) -> int:
-    args = build_parser(command).parse_args(argv)
-    job = job_from_args(command, args)
-    setup_logging()
-    nproc = args.nproc_per_node or _env_int("PET_NPROC_PER_NODE", 1)
+def run_training(job: TrainJob) -> dict | None:
+    """Run `job` on this node's workers; return the record the step's Model artifact carries.
+
+    The config is loaded here once, with job.overrides(), and the CfgNode itself goes to the workers
+    (elastic_launch's spawn pickles it). With TEST.EVAL_PERIOD > 0 the record also carries the last
+    evaluation: "eval" ({"bbox/AP": ..., "segm/AP": ..., ...}, detectron2's names) and
+    "eval_iteration". None in a process that does not hold rank 0 (a torchrun worker, another node).
+    """
+    from ..config import load_config
+
+    setup_training_logging()
+    nproc = job.nproc_per_node or _env_int("PET_NPROC_PER_NODE", 1)
     if nproc < 1:
         raise SystemExit(f"--nproc-per-node must be at least 1, got {nproc}")
+    overrides = job.overrides(nproc)
+    log.info("%s %s with the overrides %s", "finetune" if job.finetune else "train", job, overrides)
+    cfg = load_config(job.config, overrides)
+    cfg.OUTPUT_DIR = job.output  # the checkpoints' config names where the run wrote
     if "LOCAL_RANK" not in os.environ and (nproc > 1 or _env_int("PET_NNODES", 1) > 1):
-        final = launch_elastic(job, nproc)
+        final = launch_elastic(cfg, job, nproc)
     else:
         # A torchrun worker, one process of a per-pod PyTorchJob (RANK/WORLD_SIZE), or a lone process.
-        final = run_worker(job)
-    if final:
-        print(f"final checkpoint: {final}")
+        final = run_worker(cfg, job)
+    if not final:
+        return None
+    record = {
+        "checkpoint_uri": final,
+        "output_uri": job.output,
+        "source": job.init_weights or cfg.MODEL.WEIGHTS,
+        "sha256": storage.head(final).sha256,
+        "format": "cascade_rcnn",
+        "iterations": int(cfg.SOLVER.MAX_ITER) if job.iterations is None else job.iterations,
+        "accelerator": f"{nproc} x {job.accelerator or cfg.MODEL.DEVICE}",
+        "data": job.data,
+        "config": job.config,
+    }
+    evaluation = last_eval(job.output)  # TEST.EVAL_PERIOD: the evaluation after the last iteration
+    if evaluation is not None:
+        record["eval_iteration"] = evaluation.pop("iteration")
+        record["eval"] = evaluation
+    return record
+
+
+def run_command(command: str, argv: list[str]) -> int:
+    """`cascade-rcnn COMMAND ARGV...` for COMMAND "train" or "finetune" (the `cascade-rcnn` CLI's entry)."""
+    if command not in ("train", "finetune"):
+        raise ValueError(f"cascade_rcnn.engine.launch handles train and finetune, not {command!r}")
+    record = run_training(job_from_args(command, build_parser(command).parse_args(argv)))
+    if record:
+        print(f"final checkpoint: {record['checkpoint_uri']}")
     return 0
 
 
-def main_for(command: str, argv: list[str]) -> int:
-    """Dispatch from the `cascade-rcnn` CLI: command is "train" or "finetune"."""
-    if command not in ("train", "finetune"):
-        raise ValueError(f"cascade_rcnn.engine.launch handles train and finetune, not {command!r}")
-    return run(command, argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run("train", list(sys.argv[1:] if argv is None else argv))
+    return run_command("train", list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

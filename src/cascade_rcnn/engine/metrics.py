@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import statistics
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +104,7 @@ class MetricsWriter:
         self.output_uri = output_uri
         self.enabled = enabled
         self.remote = output_uri.startswith("s3://")
-        self.local_dir = Path(staging_dir) if self.remote else Path(storage_local_path(output_uri))
+        self.local_dir = Path(staging_dir) if self.remote else Path(storage.local_path(output_uri))
         self.jsonl_path = self.local_dir / METRICS_FILE
         self._tb = None
         self._tb_warned = False
@@ -234,7 +233,7 @@ def read_rows(output_uri: str) -> list[dict]:
     if storage.is_s3(output_uri):
         text = storage.get_bytes(uri).decode() if storage.exists(uri) else ""
     else:
-        path = Path(storage_local_path(uri))
+        path = Path(storage.local_path(uri))
         text = path.read_text() if path.exists() else ""
     rows = []
     for line in text.splitlines():
@@ -249,20 +248,3 @@ def last_eval(output_uri: str) -> dict | None:
     """The last evaluation row of an output's `metrics.jsonl` (None when it has none)."""
     evals = [r for r in read_rows(output_uri) if is_eval_row(r)]
     return evals[-1] if evals else None
-
-
-def storage_local_path(uri: str) -> str:
-    """A local path or file:// URI as a filesystem path."""
-    return uri[len("file://") :] if uri.startswith("file://") else uri
-
-
-class Stopwatch:
-    """Monotonic seconds since the last `lap()`."""
-
-    def __init__(self) -> None:
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt

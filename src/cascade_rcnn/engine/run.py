@@ -3,10 +3,9 @@ checkpoint if there is one, train, and leave `model_final.pth` under the output.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
-import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ from torch import nn
 
 from .. import storage
 from ..accel import Accelerator, accelerator_from_cfg
+from ..logs import setup_training_logging
 from .checkpointer import FINAL, Checkpointer, restore_rng
 from .distributed import (
     DistInfo,
@@ -32,24 +32,59 @@ from .trainer import Trainer, training_state
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainJob:
-    """What a worker needs to build its run; plain values so it can be handed to spawned processes.
+    """One `train` or `finetune` run: what `cascade-rcnn train|finetune`'s flags and the pipeline
+    step's parameters say. Plain values, so it can be handed to spawned processes.
 
-    init_weights: weights to start from when the output has no checkpoint (finetune's --weights,
-    else MODEL.WEIGHTS). finetune: class-specific layers are dropped when NUM_CLASSES differs.
+    config: the YAML file; `overrides()` turns the fields below into the config's overrides.
+    init_weights: weights to start from when the output has no checkpoint. finetune: loaded as
+    `--weights`, with the class-specific layers dropped when NUM_CLASSES differs; train: set as
+    MODEL.WEIGHTS (before `opts`, which may override it). None: the config's MODEL.WEIGHTS.
+    opts: KEY VALUE overrides, applied last.
+    iterations, learning_rate, batch_per_device, device, amp: the pipeline step's schedule, set as
+    SOLVER.MAX_ITER (with SOLVER.STEPS at 2/3 and 8/9 of it, where detectron2's 1x and the 8-NPU
+    reference recipe put them), SOLVER.BASE_LR, SOLVER.IMS_PER_BATCH (times the node's workers),
+    MODEL.DEVICE and SOLVER.AMP.ENABLED; None leaves the config's value.
+    nproc_per_node: worker processes on this node (None or 0: PET_NPROC_PER_NODE, else 1).
+    accelerator: the accelerator's resource name, only recorded (default: MODEL.DEVICE).
     """
 
     config: str
     data: str
     output: str
-    opts: list[str] = field(default_factory=list)
+    opts: list = field(default_factory=list)
     train_split: str | None = None
     val_split: str | None = None
     init_weights: str | None = None
     finetune: bool = False
     eval_after: bool = False
     keep_checkpoints: int = 0
+    iterations: int | None = None
+    learning_rate: float | None = None
+    batch_per_device: int | None = None
+    device: str | None = None
+    amp: bool | None = None
+    nproc_per_node: int | None = None
+    accelerator: str = ""
+
+    def overrides(self, nproc_per_node: int) -> list:
+        """KEY VALUE pairs for config.load_config, typed values (no string round trip) and `opts` last."""
+        pairs: list = []
+        if self.device is not None:
+            pairs += ["MODEL.DEVICE", self.device]
+        if not self.finetune and self.init_weights:
+            pairs += ["MODEL.WEIGHTS", self.init_weights]
+        if self.iterations is not None:
+            steps = (round(self.iterations * 2 / 3), round(self.iterations * 8 / 9))
+            pairs += ["SOLVER.MAX_ITER", int(self.iterations), "SOLVER.STEPS", steps]
+        if self.learning_rate is not None:
+            pairs += ["SOLVER.BASE_LR", float(self.learning_rate)]
+        if self.batch_per_device is not None:
+            pairs += ["SOLVER.IMS_PER_BATCH", int(self.batch_per_device) * nproc_per_node]
+        if self.amp is not None:
+            pairs += ["SOLVER.AMP.ENABLED", bool(self.amp)]
+        return [*pairs, *self.opts]
 
 
 def batch_per_device(ims_per_batch: int, world_size: int) -> int:
@@ -95,7 +130,7 @@ def initialize_weights(model: nn.Module, cfg, job: TrainJob) -> dict:
     """Load the starting weights (no checkpoint yet); returns a summary for the checkpoint meta."""
     from ..checkpoint import CLASS_SPECIFIC_PATTERNS, load_pretrained, load_weights
 
-    uri = job.init_weights or cfg.MODEL.WEIGHTS
+    uri = (job.init_weights if job.finetune else None) or cfg.MODEL.WEIGHTS  # train: in MODEL.WEIGHTS
     if not uri:
         log.info("no initial weights: training from the model's own initialization")
         return {}
@@ -252,9 +287,9 @@ def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
         metrics=metrics,
         eval_period=eval_period,
         evaluate=evaluator,
-    )
-    trainer.make_state = lambda it: training_state(
-        trainer, it, meta, loader.state_dict(), seed, info.world_size
+        make_state=functools.partial(
+            training_state, meta=meta, data_state=loader.state_dict, seed=seed, world_size=info.world_size
+        ),
     )
     if start_iter >= trainer.max_iter and resume_uri and resume_uri.endswith("/" + FINAL):
         log.info(
@@ -299,18 +334,16 @@ def check_data_state(loader, saved: dict) -> None:
         log.warning("the data order after resuming differs from the interrupted run: %s", e)
 
 
-def run_worker(job: TrainJob) -> str | None:
-    """Entry point of every process (in-process, spawned by elastic_launch, or started by torchrun)."""
-    from ..config import load_config
+def run_worker(cfg, job: TrainJob) -> str | None:
+    """Entry point of every process (in-process, spawned by elastic_launch, or started by torchrun).
 
-    setup_logging()
+    cfg: the run's config, loaded once by launch.run_training (a CfgNode pickles as it is)."""
+    setup_training_logging()
     info = DistInfo.from_env()
-    cfg = load_config(job.config, job.opts)
     accel = accelerator_from_cfg(cfg, info.local_rank)
     accel.set_device()
     if accel.type == "cuda":
         torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
-    cfg.OUTPUT_DIR = job.output  # the checkpoints' config names where the run wrote
     init_process_group(info, accel)
     try:
         final = train(cfg, job, accel, info)
@@ -332,14 +365,3 @@ def evaluate_after(cfg, job: TrainJob, weights: str) -> None:
         return
     for split in splits:
         evaluate_checkpoint(cfg, weights, job.data, split, eval_output(job.output, split, len(splits)))
-
-
-def setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
-    level = logging.INFO if rank == "0" else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format=f"[%(asctime)s r{rank} %(name)s] %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-    )

@@ -14,15 +14,10 @@ from torch import nn
 
 from ..accel import Accelerator
 from .checkpointer import Checkpointer, capture_rng, periodic_name, restore_rng
-from .distributed import all_gather_objects, reduce_step_metrics
+from .distributed import all_gather_objects, reduce_step_metrics, unwrap
 from .metrics import LOG_PERIOD, IterationRecord, MetricsWriter, MetricWindows
 
 log = logging.getLogger(__name__)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def main_lr_group(optimizer: torch.optim.Optimizer) -> int:
@@ -36,7 +31,8 @@ class Trainer:
     """Runs iterations [start_iter, max_iter) of one process.
 
     model(batch) returns a dict of scalar losses; their plain sum is minimised.
-    make_state(iteration) -> dict builds the checkpoint payload (called on every rank, saved by rank 0).
+    make_state(trainer, iteration) -> dict builds the checkpoint payload (called on every rank, saved
+    by rank 0).
     evaluate(model, iteration, final) -> {split: {task: {metric: value}}} on every rank: called, as
     detectron2's EvalHook, after every `eval_period` iterations (after that iteration's checkpoint)
     and once more after the final checkpoint, when eval_period > 0. It may use any random number
@@ -54,7 +50,7 @@ class Trainer:
     clip_grads: Callable[[torch.optim.Optimizer], None] | None = None
     checkpointer: Checkpointer | None = None
     checkpoint_period: int = 0
-    make_state: Callable[[int], dict] | None = None
+    make_state: Callable[[Trainer, int], dict] | None = None
     metrics: MetricsWriter | None = None
     eval_period: int = 0
     evaluate: Callable[[nn.Module, int, bool], dict] | None = None
@@ -141,7 +137,7 @@ class Trainer:
         if self.checkpointer is None or self.make_state is None:
             return
         # RNG states come from every rank, so the state is built collectively; rank 0 writes.
-        payload = self.make_state(iteration)
+        payload = self.make_state(self, iteration)
         if self.metrics is not None:
             self.metrics.sync()  # metrics up to this iteration land with the checkpoint
         self.checkpointer.save(name, payload)
@@ -159,12 +155,16 @@ class Trainer:
 def training_state(
     trainer: Trainer,
     iteration: int,
+    *,
     meta: dict,
-    data_state: dict,
+    data_state: Callable[[], dict],
     seed: int,
     world_size: int,
 ) -> dict:
-    """The checkpoint payload after `iteration` completed; plain types and tensors only."""
+    """The checkpoint payload after `iteration` completed; plain types and tensors only.
+
+    data_state() returns the data loader's position (its `state_dict`)."""
+    data = data_state()
     rng = all_gather_objects(capture_rng(trainer.accel.rng_state()))
     model_state = {k: v.detach().cpu() for k, v in unwrap(trainer.model).state_dict().items()}
     return {
@@ -176,7 +176,7 @@ def training_state(
             "scheduler": trainer.scheduler.state_dict(),
             "scaler": trainer.scaler.state_dict(),
             "rng": rng,
-            "data": data_state,
+            "data": data,
             "seed": seed,
             "world_size": world_size,
         },

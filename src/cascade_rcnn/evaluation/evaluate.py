@@ -4,7 +4,7 @@ Files written (by rank 0) under `output` (a local path, file:// or s3:// prefix)
 - coco_instances_results.json: the raw detections in COCO results format;
 - metrics.json: {"bbox": {...}, "segm": {...}} (×100; NaN stored as null);
 - report.md and report.html (when report=True): the tables, and for HTML a few example images with
-  their predictions drawn.
+  their predictions drawn (the images as inference read them, kept in memory for the few examples).
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torch.distributed as dist
 
+from cascade_rcnn.data.mapper import DatasetMapper
+from cascade_rcnn.engine.distributed import rank_and_world_size
 from cascade_rcnn.evaluation.coco_eval import detections_to_coco_json, evaluate_coco, save_json
 from cascade_rcnn.evaluation.inference import inference_on_dataset
 from cascade_rcnn.evaluation.report import ReportExample, format_table, html_report, markdown_report
+from cascade_rcnn.storage import local_path
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +32,6 @@ RESULTS_JSON = "coco_instances_results.json"
 METRICS_JSON = "metrics.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def load_model(
@@ -97,21 +93,43 @@ def _read_image_rgb(file_name: str) -> np.ndarray:
         from cascade_rcnn import storage
 
         return read_image(storage.get_bytes(file_name), format="RGB")
-    return read_image(
-        file_name[len("file://") :] if file_name.startswith("file://") else file_name, format="RGB"
-    )
+    return read_image(local_path(file_name), format="RGB")
+
+
+ORIGINAL_IMAGE = "original_image"  # the input dict's key for the image as read, before resizing
+
+
+class _KeepOriginalMapper(DatasetMapper):
+    """The test mapper, also passing the image as read (original size, INPUT.FORMAT) on as a tensor
+    (tensors cross from loader workers in shared memory), so the report need not read it again."""
+
+    def _read(self, record: dict) -> np.ndarray:
+        self._original = super()._read(record)
+        return self._original
+
+    def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
+        out = super().__call__(record, rng)
+        out[ORIGINAL_IMAGE] = torch.from_numpy(np.ascontiguousarray(self._original))
+        self._original = None
+        return out
+
+
+def _to_rgb(image: np.ndarray, image_format: str) -> np.ndarray:
+    return np.ascontiguousarray(image[:, :, ::-1]) if image_format == "BGR" else image
 
 
 def _examples(predictions: list[dict], meta, num: int) -> list[ReportExample]:
-    """The first `num` images that have detections, read again at full resolution and RGB."""
+    """The first `num` images that have detections, at full resolution and RGB: kept from inference
+    (evaluate_model's keep_images) when it could, else read again."""
     out: list[ReportExample] = []
     for pred in predictions:
         if len(out) >= num:
             break
         if not pred["instances"]:
             continue
+        image = pred.get("image")
         try:
-            image = _read_image_rgb(pred["file_name"])
+            image = _read_image_rgb(pred["file_name"]) if image is None else image
         except Exception as e:  # a report must not fail the evaluation that produced the metrics
             logger.warning("report: cannot read %s for the examples: %s", pred["file_name"], e)
             continue
@@ -143,7 +161,8 @@ class EvalSplit:
     _gt: dict | None = field(default=None, repr=False)
 
     def ground_truth(self) -> dict:
-        """The annotation JSON (read on first use; only rank 0 needs it)."""
+        """The annotation JSON (kept from prepare_split on rank 0, else read on first use: only rank 0
+        needs it)."""
         if self._gt is None:
             from cascade_rcnn.data.coco import read_json
 
@@ -152,17 +171,24 @@ class EvalSplit:
 
 
 def prepare_split(data: str, split: str, max_images: int | None = None) -> EvalSplit:
-    """The records (first `max_images` by image id) and metadata of `split` under `data`."""
-    from cascade_rcnn.data.coco import load_coco_json
+    """The records (first `max_images` by image id) and metadata of `split` under `data`.
+
+    The annotation file is read once: rank 0 keeps the parsed JSON as the split's ground truth, the
+    other ranks, which never evaluate, drop it.
+    """
+    from cascade_rcnn.data.coco import load_coco_json, read_json
     from cascade_rcnn.data.splits import resolve_dataset
 
     if max_images is not None and max_images <= 0:
         raise ValueError(f"max_images must be positive, got {max_images}")
     annotations_uri, image_root = resolve_dataset(data, split)
-    records, meta = load_coco_json(annotations_uri, image_root, dataset_name=split)
+    gt = read_json(annotations_uri)
+    records, meta = load_coco_json(annotations_uri, image_root, dataset_name=split, data=gt)
     if max_images is not None:
         records = records[:max_images]
-    return EvalSplit(split, data, annotations_uri, records, meta)
+    return EvalSplit(
+        split, data, annotations_uri, records, meta, gt if rank_and_world_size()[0] == 0 else None
+    )
 
 
 def evaluate_model(
@@ -173,6 +199,7 @@ def evaluate_model(
     device: torch.device,
     use_fast: bool = True,
     progress: bool = True,
+    keep_images: int = 0,
 ) -> tuple[dict[str, dict[str, float]], list[dict]]:
     """COCO box (and mask, with MODEL.MASK_ON) AP of `model` as it is, on `split`.
 
@@ -180,22 +207,34 @@ def evaluate_model(
     must call it); the predictions are gathered to rank 0, which computes the metrics. Returns
     (metrics, predictions with COCO-JSON instances) on rank 0 and ({}, []) on the others. The model
     is put in eval mode for the inference and back in its previous mode afterwards.
+    keep_images: rank 0 keeps (RGB, original size) the first N of its images that have detections, as
+    "image" in their predictions, for the report's examples; the others are not held.
     """
     from cascade_rcnn.data.loader import build_test_loader
 
-    rank, world_size = _world()
+    rank, world_size = rank_and_world_size()
+    image_format = cfg.INPUT.FORMAT
+    keep_images = keep_images if rank == 0 and image_format in ("RGB", "BGR") else 0
+    mapper = _KeepOriginalMapper.from_config(cfg, is_train=False) if keep_images else None
     loader = build_test_loader(
-        cfg, split.records, rank=rank, world_size=world_size, pin_memory=device.type != "cpu"
+        cfg, split.records, rank=rank, world_size=world_size, pin_memory=device.type != "cpu", mapper=mapper
     )
     contiguous_to_dataset = split.meta.contiguous_id_to_dataset_id
+    kept: dict[Any, np.ndarray] = {}
 
     def to_coco(inp: Mapping[str, Any], det: Any) -> list[dict]:
         # Encode masks right away: full-resolution bitmasks for a whole split do not fit in memory.
-        return detections_to_coco_json(det.to("cpu"), inp["image_id"], contiguous_to_dataset)
+        instances = detections_to_coco_json(det.to("cpu"), inp["image_id"], contiguous_to_dataset)
+        if instances and len(kept) < keep_images:
+            kept[inp["image_id"]] = _to_rgb(inp[ORIGINAL_IMAGE].numpy(), image_format)
+        return instances
 
     predictions = inference_on_dataset(model, loader, device=device, postprocess=to_coco, progress=progress)
     if rank != 0:
         return {}, []
+    for pred in predictions:
+        if pred["image_id"] in kept:
+            pred["image"] = kept[pred["image_id"]]
     results = [r for pred in predictions for r in pred["instances"]]
     iou_types = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     metrics = evaluate_coco(
@@ -217,8 +256,11 @@ def write_results(
     weights: str,
     report: bool = True,
     num_examples: int = 6,
+    report_md_to: str | None = None,
+    report_html_to: str | None = None,
 ) -> None:
-    """The files of the module docstring under `output` (rank 0)."""
+    """The files of the module docstring under `output` (rank 0); with `report`, report.md and
+    report.html also go to the local files report_md_to / report_html_to when given."""
     from cascade_rcnn import storage
 
     results = [r for pred in predictions for r in pred["instances"]]
@@ -232,10 +274,15 @@ def write_results(
             "images": len(split.records),
             "detections": len(results),
         }
-        storage.put_bytes(markdown_report(metrics, details=details).encode(), storage.join(output, REPORT_MD))
         examples = _examples(predictions, split.meta, num_examples)
-        page = html_report(metrics, examples, details=details)
-        storage.put_bytes(page.encode(), storage.join(output, REPORT_HTML))
+        for text, name, local in (
+            (markdown_report(metrics, details=details), REPORT_MD, report_md_to),
+            (html_report(metrics, examples, details=details), REPORT_HTML, report_html_to),
+        ):
+            storage.put_bytes(text.encode(), storage.join(output, name))
+            if local:
+                with open(local, "wb") as f:
+                    f.write(text.encode())
     logger.info(
         "wrote %s and %s%s under %s", RESULTS_JSON, METRICS_JSON, " and the reports" if report else "", output
     )
@@ -253,6 +300,8 @@ def evaluate_checkpoint(
     opts: Sequence[str] | None = None,
     num_examples: int = 6,
     use_fast: bool = True,
+    report_md_to: str | None = None,
+    report_html_to: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run `weights` over `split` of `data` and compute COCO box/mask AP.
 
@@ -262,6 +311,8 @@ def evaluate_checkpoint(
     max_images: evaluate only the first N images (by image id) of the split.
     Under an initialised process group every rank runs its shard; rank 0 evaluates, writes the files
     (module docstring) under `output` and returns the metrics; other ranks return {}.
+    report_md_to, report_html_to: local files that also get report.md / report.html (rank 0, with
+    `output` and `report`), e.g. a pipeline step's output artifacts.
     """
     from cascade_rcnn.accel import accelerator_from_cfg
     from cascade_rcnn.config import load_config
@@ -276,7 +327,7 @@ def evaluate_checkpoint(
         raise ValueError("no weights: pass --weights or set MODEL.WEIGHTS in the config")
     if max_images is not None and max_images <= 0:
         raise ValueError(f"max_images must be positive, got {max_images}")
-    rank, world_size = _world()
+    rank, world_size = rank_and_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
     device = accelerator_from_cfg(cfg, local_rank).device
 
@@ -289,12 +340,27 @@ def evaluate_checkpoint(
         prepared.annotations_uri,
     )
     model = load_model(cfg, weights, device, thing_classes=prepared.meta.thing_classes)
-    metrics, predictions = evaluate_model(model, cfg, prepared, device=device, use_fast=use_fast)
+    metrics, predictions = evaluate_model(
+        model,
+        cfg,
+        prepared,
+        device=device,
+        use_fast=use_fast,
+        keep_images=num_examples if output and report else 0,
+    )
     if rank != 0:
         return {}
     logger.info("COCO evaluation of %s on %s:\n%s", weights, split, format_table(metrics))
     if output:
         write_results(
-            output, metrics, predictions, prepared, weights=weights, report=report, num_examples=num_examples
+            output,
+            metrics,
+            predictions,
+            prepared,
+            weights=weights,
+            report=report,
+            num_examples=num_examples,
+            report_md_to=report_md_to,
+            report_html_to=report_html_to,
         )
     return metrics

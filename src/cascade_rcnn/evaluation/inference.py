@@ -6,7 +6,6 @@ excluded from the per-image times, and progress is logged every few seconds with
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import logging
@@ -16,6 +15,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from cascade_rcnn.engine.distributed import rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +52,13 @@ def _loader_length(loader: Iterable) -> int | None:
         return None
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_predictions(predictions: list[dict]) -> list[dict]:
     """All ranks' predictions on rank 0, one per image_id, ordered by image_id; [] on other ranks.
 
     Without an initialised process group this only sorts and de-duplicates. Uses gather_object, which
     works with gloo; with nccl/hccl the current device must be set (torch.cuda.set_device) beforehand.
     """
-    rank, world_size = _world()
+    rank, world_size = rank_and_world_size()
     if world_size > 1:
         gathered: list[list[dict]] | None = [None] * world_size if rank == 0 else None  # type: ignore[list-item]
         dist.gather_object(predictions, gathered, dst=0)
@@ -83,7 +78,6 @@ def inference_on_dataset(
     *,
     device: torch.device | str,
     progress: bool = True,
-    amp_dtype: torch.dtype | None = None,
     postprocess: Callable[[Mapping[str, Any], Any], Any] | None = None,
 ) -> list[dict]:
     """Run `model` (eval mode) over this rank's `loader` and gather the predictions to rank 0.
@@ -96,14 +90,9 @@ def inference_on_dataset(
     """
     device = torch.device(device)
     postprocess = postprocess or _default_postprocess
-    rank, world_size = _world()
+    rank, world_size = rank_and_world_size()
     total = _loader_length(loader)
     num_warmup = min(NUM_WARMUP, total - 1) if total else NUM_WARMUP
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype)
-        if amp_dtype is not None
-        else contextlib.nullcontext()
-    )
     results: list[dict] = []
     was_training = model.training
     model.eval()
@@ -113,7 +102,7 @@ def inference_on_dataset(
     start = last_log = time.perf_counter()
     timed_start = start
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             batch_start = time.perf_counter()
             for idx, batch in enumerate(loader):
                 if idx == num_warmup:

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from cascade_rcnn.ingest.errors import IngestError
-from cascade_rcnn.ingest.progress import ProgressLog
+from cascade_rcnn.storage.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def extract_zip(
             )
         tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target))
         try:
-            progress = ProgressLog(f"extract {archive.name}", len(files), unit="files")
+            progress = Progress(f"extract {archive.name}", len(files), unit="files", logger=logger)
             for info, rel in files:
                 out = tmp.joinpath(*rel.parts)
                 out.parent.mkdir(parents=True, exist_ok=True)

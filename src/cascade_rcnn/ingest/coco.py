@@ -4,7 +4,9 @@ Steps: fingerprint the source (no transfer) -> reuse the stored data set when it
 same fingerprint -> stage annotations and the images they list in a work directory -> validate and
 repair (repair.py; the repaired JSON replaces the staged one, the original is kept beside it) ->
 sha256 every file -> upload the tree -> write the repair report -> write the manifest last, so a
-crash leaves no manifest.
+crash leaves no manifest. Each staged file is hashed once: the manifest's digests are the ones the
+upload stores and compares, and a digest computed while verifying a download is reused as long as
+the staged file is not rewritten.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ def ingest_coco(
             shutil.rmtree(stage)
         (stage / "annotations").mkdir(parents=True)
         stager = make_stager(src, work / "downloads", workers, subset=max_images is not None)
+        known = stager.digests  # stage-relative path -> sha256 of the bytes staged there
         split_entries, counts, repairs, report_splits = {}, {}, {}, {}
         for split in splits:
             logger.info("staging %s from %s", split, src.uri)
@@ -194,6 +197,7 @@ def ingest_coco(
             if max_images is not None and len(data["images"]) > max_images:
                 data = subset_annotations(data, max_images)
                 _write_json_atomic(data, json_path)
+                known.pop(annotation_name(split), None)
             names = {img.get("file_name") for img in data["images"] if isinstance(img, dict)}
             (stage / split).mkdir(exist_ok=True)
             stager.images(split, {n for n in names if safe_file_name(n)}, stage)
@@ -229,6 +233,8 @@ def ingest_coco(
                 original = stage / "annotations" / "original" / Path(json_path).name
                 original.parent.mkdir(exist_ok=True)
                 os.replace(json_path, original)
+                if annotation_name(split) in known:  # a rename keeps the bytes
+                    known[original.relative_to(stage).as_posix()] = known.pop(annotation_name(split))
                 _write_json_atomic(data, json_path)
                 original_uri = storage.join(ds_root, "annotations", "original", original.name)
                 entry_extra["original_annotations"] = original_uri
@@ -250,10 +256,18 @@ def ingest_coco(
             del data, repair
             counts[split] = split_counts
             repairs[split] = entry_extra["repairs"]
-        files = hash_tree(stage, workers)
+        files = hash_tree(stage, workers, known=known)
         logger.info("uploading %d files to %s", len(files), ds_root)
         # skip_unchanged: a run that follows one which died mid-upload sends only what is missing.
-        stats = storage.upload_tree(str(stage), ds_root, workers=workers, progress=True, skip_unchanged=True)
+        # The manifest's digests serve as the objects' sha256 and for that check: no second read.
+        stats = storage.upload_tree(
+            str(stage),
+            ds_root,
+            workers=workers,
+            progress=True,
+            skip_unchanged=True,
+            sha256={f["path"]: f["sha256"] for f in files},
+        )
         # Deterministic bytes (no time stamp), so the same source always yields the same report.
         report_uri = storage.join(ds_root, REPORT_NAME)
         report_doc = {
@@ -313,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="ingest again even if the manifest matches")
     parser.add_argument("--workers", type=int, default=16)
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cascade_rcnn.logs import setup_logging
+
+    setup_logging()
     try:
         result = ingest_coco(
             args.source,

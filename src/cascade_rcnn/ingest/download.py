@@ -7,7 +7,6 @@ is renamed to `dest` only after its size and checksums were verified.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from cascade_rcnn.ingest.errors import IngestError
-from cascade_rcnn.ingest.progress import ProgressLog
+from cascade_rcnn.storage import file_digests
+from cascade_rcnn.storage.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +50,6 @@ class DownloadResult:
     sha256: str
     bytes_fetched: int  # bytes received over the network by this call
     resumed_from: int  # bytes of a partial file found before the first request
-
-
-def file_digests(path: str | os.PathLike, algorithms: tuple[str, ...] = ("sha256",)) -> dict[str, str]:
-    """Hex digests of a file, read once in 8 MiB blocks (hashlib releases the GIL on large blocks)."""
-    hashers = {name: hashlib.new(name) for name in algorithms}
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            for h in hashers.values():
-                h.update(block)
-    return {name: h.hexdigest() for name, h in hashers.items()}
 
 
 def _check_complete(path: Path, url: str, size: int | None, md5: str | None, sha256: str | None) -> str:
@@ -188,7 +178,7 @@ def download_file(
         resumed_from = 0
     if resumed_from:
         logger.info("%s: resuming from byte %d of %s", url, resumed_from, size or "?")
-    progress = ProgressLog(dest.name, size, start=resumed_from)
+    progress = Progress(dest.name, size, start=resumed_from, logger=logger)
     fetched = 0
 
     def on_bytes(n: int) -> None:

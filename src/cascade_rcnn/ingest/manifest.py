@@ -23,12 +23,12 @@ import datetime
 import json
 import logging
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cascade_rcnn import storage
-from cascade_rcnn.ingest.download import file_digests
-from cascade_rcnn.ingest.progress import ProgressLog
+from cascade_rcnn.storage.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +54,21 @@ def split_entry(ds_root: str, split: str, counts: dict[str, int]) -> dict:
     }
 
 
-def hash_tree(local_dir: str | os.PathLike, workers: int = 8) -> list[dict]:
-    """[{"path", "size", "sha256"}] for every file under `local_dir`, sorted by path."""
+def hash_tree(
+    local_dir: str | os.PathLike, workers: int = 8, known: Mapping[str, str] | None = None
+) -> list[dict]:
+    """[{"path", "size", "sha256"}] for every file under `local_dir`, sorted by path. `known` maps
+    relative paths to digests already computed for the bytes now in those files (while downloading
+    them); those files are not read again."""
     base = Path(local_dir)
     paths = sorted(p for p in base.rglob("*") if p.is_file())
-    progress = ProgressLog(f"sha256 of {base.name}", len(paths), unit="files")
+    progress = Progress(f"sha256 of {base.name}", len(paths), unit="files", logger=logger)
+    known = known or {}
 
     def one(path: Path) -> dict:
-        return {
-            "path": path.relative_to(base).as_posix(),
-            "size": path.stat().st_size,
-            "sha256": file_digests(path)["sha256"],
-        }
+        rel = path.relative_to(base).as_posix()
+        sha = known.get(rel)
+        return {"path": rel, "size": path.stat().st_size, "sha256": sha or storage.sha256_file(path)}
 
     entries = []
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:

@@ -5,6 +5,8 @@ Three kinds of source, all ending in the same staged layout
 - "http": the COCO 2017 zips under a base URL (the official site or a mirror), downloaded resumably;
 - "s3": an s3:// prefix in COCO layout;
 - "local": a local directory in COCO layout (hard-linked into the stage when possible, else copied).
+Each stager's `digests` holds the sha256 of staged files it already computed while verifying a
+download (stage-relative posix path -> hex), so the manifest need not read them again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from cascade_rcnn import storage
 from cascade_rcnn.ingest.archive import extract_zip
 from cascade_rcnn.ingest.download import download_file
 from cascade_rcnn.ingest.errors import IngestError
-from cascade_rcnn.ingest.progress import ProgressLog
+from cascade_rcnn.storage.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +60,11 @@ def parse_source(source: str, base_url: str = OFFICIAL_BASE_URL) -> Source:
         return Source("http", source.rstrip("/"))
     if source.startswith("s3://"):
         return Source("s3", source.rstrip("/"))
-    path = Path(source[len("file://") :] if source.startswith("file://") else source)
     if "://" in source and not source.startswith("file://"):
         raise IngestError(
             f"unsupported source {source!r}: use coco-official, http(s)://, s3:// or a directory"
         )
+    path = Path(storage.local_path(source))
     if not path.is_dir():
         raise IngestError(f"source directory {path} does not exist")
     return Source("local", str(path.resolve()))
@@ -147,6 +149,7 @@ class HttpStager:
         self.src = src
         self.downloads = downloads
         self.downloaded_bytes = 0
+        self.digests: dict[str, str] = {}  # extraction hashes nothing
         self._annotations_zip: Path | None = None
 
     def _download(self, rel: str) -> Path:
@@ -175,11 +178,18 @@ class S3Stager:
         self.src = src
         self.workers = workers
         self.subset = subset
+        self.digests: dict[str, str] = {}
+
+    def _got(self, stage: Path, path: Path, sha: str | None) -> None:
+        # The digest of the bytes the download wrote to `path` (None: the object had no metadata).
+        if sha is not None:
+            self.digests[path.relative_to(stage).as_posix()] = sha
 
     def annotations(self, split: str, stage: Path) -> None:
         uri = storage.join(self.src.uri, annotation_name(split))
+        dest = stage / annotation_name(split)
         try:
-            storage.get_file(uri, stage / annotation_name(split))
+            self._got(stage, dest, storage.get_file(uri, dest).sha256)
         except storage.NotFound as e:
             raise IngestError(f"source has no {annotation_name(split)}: {uri} not found") from e
 
@@ -189,16 +199,20 @@ class S3Stager:
         if not self.subset:
             # The whole split: one listing and concurrent GETs, then drop what the JSON does not list.
             try:
-                storage.download_tree(prefix, target, workers=self.workers)
+                stats = storage.download_tree(prefix, target, workers=self.workers)
             except storage.NotFound:
                 return  # every image is then reported missing by validation
             _prune(target, file_names)
+            for rel, sha in stats.sha256.items():
+                if rel in file_names:  # the others were just pruned
+                    self._got(stage, target / rel, sha)
             return
-        progress = ProgressLog(f"download {prefix}", len(file_names), unit="files")
+        progress = Progress(f"download {prefix}", len(file_names), unit="files", logger=logger)
 
         def one(name: str) -> None:
             try:
-                storage.get_file(storage.join(prefix, name), target / name)
+                info = storage.get_file(storage.join(prefix, name), target / name)
+                self._got(stage, target / name, info.sha256)
             except storage.NotFound:
                 pass  # reported by validation as a missing image, together with any other problem
             progress.update(1)
@@ -224,6 +238,7 @@ def _prune(split_dir: Path, file_names: set[str]) -> None:
 class LocalStager:
     def __init__(self, src: Source):
         self.base = Path(src.uri)
+        self.digests: dict[str, str] = {}  # linking or copying hashes nothing
 
     def annotations(self, split: str, stage: Path) -> None:
         src = self.base / annotation_name(split)
@@ -232,7 +247,7 @@ class LocalStager:
         _link_or_copy(src, stage / annotation_name(split))
 
     def images(self, split: str, file_names: set[str], stage: Path) -> None:
-        progress = ProgressLog(f"stage {self.base / split}", len(file_names), unit="files")
+        progress = Progress(f"stage {self.base / split}", len(file_names), unit="files", logger=logger)
         for name in sorted(file_names):
             src = self.base / split / name
             if src.is_file():  # a missing one is reported by validation

@@ -19,8 +19,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cascade_rcnn.ingest.errors import IngestError
-from cascade_rcnn.ingest.progress import ProgressLog
 from cascade_rcnn.ingest.repair import BBOX_TOLERANCE, RepairResult, describe, repair_annotations
+from cascade_rcnn.storage.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def validate_annotations(
     report.num_categories = len(data["categories"])
     if check_images and images:
         image_root = Path(image_dir)
-        progress = ProgressLog(f"check images of {report.json_path}", len(images), unit="images")
+        progress = Progress(f"check images of {report.json_path}", len(images), unit="images", logger=logger)
         with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
             results = pool.map(
                 lambda img: _check_image_file(image_root / img["file_name"], img, check_sizes),

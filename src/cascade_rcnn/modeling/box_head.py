@@ -9,8 +9,8 @@ from torchvision.ops import batched_nms
 
 from .box_regression import BOX_REG_LOSS_TYPES, Box2BoxTransform, box_regression_loss
 from .boxes import clip_boxes
-from .layers import Conv2d, make_norm
-from .weight_init import c2_msra_fill, c2_xavier_fill, normal_fill
+from .layers import add_conv_stack
+from .weight_init import c2_xavier_fill, normal_fill
 
 
 class FastRCNNConvFCHead(nn.Sequential):
@@ -29,19 +29,7 @@ class FastRCNNConvFCHead(nn.Sequential):
         if num_conv + num_fc == 0:
             raise ValueError("ROI_BOX_HEAD needs NUM_CONV + NUM_FC > 0")
         channels, height, width = input_shape
-        for k in range(num_conv):
-            conv = Conv2d(
-                channels,
-                conv_dim,
-                3,
-                padding=1,
-                bias=not conv_norm,
-                norm=make_norm(conv_norm, conv_dim),
-                activation=F.relu,
-            )
-            c2_msra_fill(conv)
-            self.add_module(f"conv{k + 1}", conv)
-            channels = conv_dim
+        channels = add_conv_stack(self, "conv", num_conv, channels, conv_dim, conv_norm)
         size = channels * height * width
         for k in range(num_fc):
             if k == 0:

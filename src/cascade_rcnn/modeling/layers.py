@@ -13,6 +13,8 @@ import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .weight_init import c2_msra_fill
+
 
 class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
     """BatchNorm with fixed statistics and affine parameters (all buffers), eps 1e-5.
@@ -31,7 +33,7 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
             # batch_norm's backward would also compute (unused) weight/bias gradients.
             scale = self.weight * (self.running_var + self.eps).rsqrt()
             bias = self.bias - self.running_mean * scale
-            # One fused pass (x * scale + bias) instead of two: ~1.6x faster on large CPU maps.
+            # One fused pass over x (x * scale + bias) instead of a multiply and an add that each read it.
             return torch.addcmul(
                 bias.reshape(1, -1, 1, 1).to(x.dtype), x, scale.reshape(1, -1, 1, 1).to(x.dtype)
             )
@@ -96,3 +98,25 @@ class Conv2d(nn.Conv2d):
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+
+def add_conv_stack(
+    module: nn.Module, name: str, num_conv: int, in_channels: int, conv_dim: int, conv_norm: str
+) -> int:
+    """Add `num_conv` 3x3 conv (+ `conv_norm`) + ReLU layers named f"{name}1", f"{name}2", ... to
+    `module`, MSRA-initialised as detectron2's RoI heads do; returns the channels they output."""
+    channels = in_channels
+    for k in range(num_conv):
+        conv = Conv2d(
+            channels,
+            conv_dim,
+            3,
+            padding=1,
+            bias=not conv_norm,
+            norm=make_norm(conv_norm, conv_dim),
+            activation=F.relu,
+        )
+        c2_msra_fill(conv)
+        module.add_module(f"{name}{k + 1}", conv)
+        channels = conv_dim
+    return channels

@@ -106,8 +106,8 @@ class CascadeMaskRCNN(nn.Module):
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch = pad_and_batch(images, self.backbone.size_divisibility)
         if batch.device.type == "cpu":
-            # oneDNN's CPU convolutions are ~1.3x faster on NHWC activations (measured in
-            # bench/model_speed.py); every layer after the first follows its input's format.
+            # oneDNN's CPU convolutions are faster on NHWC activations (BENCHMARKS.md); every layer
+            # after the first follows its input's format.
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch, sizes
 

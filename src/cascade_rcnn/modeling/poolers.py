@@ -109,7 +109,7 @@ def roi_align_backward_cpu(
     RoIAlign is separable: each output bin is Wy[bin_y] . F . Wx[bin_x]^T, with Wy, Wx the summed
     bilinear weights of its samples along each axis. So the gradient over each RoI's window is two
     batched matmuls, scattered into the map with one index_add_. torchvision's CPU kernel instead
-    recomputes the bilinear weights per channel and sample and runs on one core (3-4x slower).
+    recomputes the bilinear weights per channel and sample and runs on one core.
     """
     n, c, h, w = feature_shape
     num, _, ph, pw = grad_output.shape

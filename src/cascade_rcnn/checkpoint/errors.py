@@ -1,0 +1,7 @@
+"""The error every part of the checkpoint package raises for a weights file it cannot use."""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """A weights file that cannot be read or used; the message names the file."""
