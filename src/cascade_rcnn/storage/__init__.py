@@ -33,6 +33,7 @@ from .base import (
     NotFound,
     ObjectInfo,
     PathLike,
+    PreconditionFailed,
     StorageError,
     TransferStats,
     file_digests,
@@ -58,6 +59,7 @@ __all__ = [
     "NotFound",
     "ObjectInfo",
     "PathLike",
+    "PreconditionFailed",
     "StorageError",
     "TransferStats",
     "cache_dir",
@@ -68,12 +70,14 @@ __all__ = [
     "file_digests",
     "get_bytes",
     "get_file",
+    "get_versioned",
     "head",
     "is_s3",
     "join",
     "list_prefix",
     "local_path",
     "put_bytes",
+    "put_bytes_if",
     "put_file",
     "sha256_file",
     "upload_tree",
@@ -115,6 +119,25 @@ def get_bytes(uri: PathLike, endpoint_url: Optional[str] = None, require_checksu
     """Read a whole object; S3 objects are verified against their sha256 metadata."""
     uri = os.fspath(uri)
     return _backend(uri, endpoint_url).get_bytes(uri, require_checksum)
+
+
+def get_versioned(uri: PathLike, endpoint_url: Optional[str] = None) -> tuple[bytes, str]:
+    """(data, version) of an object, for a later `put_bytes_if`. The version is opaque: the ETag on S3,
+    the content's sha256 for a local file. Raises NotFound when it is missing."""
+    uri = os.fspath(uri)
+    return _backend(uri, endpoint_url).get_versioned(uri)
+
+
+def put_bytes_if(
+    data: bytes, uri: PathLike, version: Optional[str], endpoint_url: Optional[str] = None
+) -> str:
+    """Write `data` only if the object is still at `version` (from get_versioned), or, with version
+    None, only if it does not exist; else raise PreconditionFailed and write nothing. Returns the new
+    version. On S3 this is a conditional PUT (If-Match / If-None-Match), which the server must honour:
+    AWS S3, SeaweedFS and MinIO do."""
+    uri = os.fspath(uri)
+    sha = hashlib.sha256(data).hexdigest()
+    return _backend(uri, endpoint_url).put_bytes_if(uri, data, sha, version)
 
 
 def put_file(local_path: PathLike, uri: PathLike, endpoint_url: Optional[str] = None) -> ObjectInfo:

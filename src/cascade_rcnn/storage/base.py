@@ -26,6 +26,10 @@ class ChecksumMismatch(StorageError):
     """Downloaded bytes do not hash to the sha256 stored with the object."""
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write was refused: the object changed (or appeared) since the caller read it."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What `head` knows about an object: size in bytes and its sha256 (hex), None when the object

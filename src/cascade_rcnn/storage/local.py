@@ -10,7 +10,16 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, MutableMapping, Optional, Tuple
 
-from .base import IO_CHUNK, NotFound, ObjectInfo, PathLike, StorageError, join, sha256_file
+from .base import (
+    IO_CHUNK,
+    NotFound,
+    ObjectInfo,
+    PathLike,
+    PreconditionFailed,
+    StorageError,
+    join,
+    sha256_file,
+)
 from .progress import Progress
 
 
@@ -143,6 +152,35 @@ class LocalBackend:
                 f.write(data)
         except OSError as exc:
             raise StorageError(f"write {dest}: {exc}") from exc
+
+    def get_versioned(self, uri: str) -> Tuple[bytes, str]:
+        """(data, sha256 of data): a local file's version is its content."""
+        data = self.get_bytes(uri, False)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_bytes_if(self, uri: str, data: bytes, sha: str, version: Optional[str]) -> str:
+        """Compare and swap under an exclusive lock on a file beside `uri` (flock: every writer on this
+        filesystem goes through it); returns the new version."""
+        import fcntl
+
+        dest = _path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        lock = dest.parent / f".{dest.name}.lock"
+        try:
+            with open(lock, "a") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                try:
+                    current = hashlib.sha256(dest.read_bytes()).hexdigest()
+                except FileNotFoundError:
+                    current = None
+                if current != version:
+                    what = "exists already" if version is None else f"is no longer version {version}"
+                    raise PreconditionFailed(f"conditional write {dest} refused: the file {what}")
+                with atomic_write(dest) as (f, _):
+                    f.write(data)
+        except OSError as exc:
+            raise StorageError(f"write {dest}: {exc}") from exc
+        return sha
 
     def get_bytes(self, uri: str, require_checksum: bool) -> bytes:
         path = _path(uri)

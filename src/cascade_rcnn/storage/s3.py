@@ -11,7 +11,15 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping, MutableMapping, NoReturn, Optional, Tuple
 
-from .base import SHA256_METADATA, ChecksumMismatch, NotFound, ObjectInfo, StorageError, sha256_file
+from .base import (
+    SHA256_METADATA,
+    ChecksumMismatch,
+    NotFound,
+    ObjectInfo,
+    PreconditionFailed,
+    StorageError,
+    sha256_file,
+)
 from .local import atomic_write, file_size, temp_path
 from .progress import Progress
 
@@ -438,6 +446,40 @@ class S3Backend:
 
     def get_bytes(self, uri: str, require_checksum: bool) -> bytes:
         return self._get(*split_object(uri), require_checksum)[0]
+
+    def get_versioned(self, uri: str) -> Tuple[bytes, str]:
+        """(data, ETag) from one GET, so the version names exactly these bytes."""
+        bucket, key = split_object(uri)
+        try:
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+            data = resp["Body"].read()
+        except Exception as exc:
+            _raise(exc, "get", bucket, key, self.endpoint)
+        _check_sha(uri, resp.get("Metadata", {}).get(SHA256_METADATA), hashlib.sha256(data).hexdigest(),
+                   self.endpoint, False)  # fmt: skip
+        return data, resp["ETag"]
+
+    def put_bytes_if(self, uri: str, data: bytes, sha: str, version: Optional[str]) -> str:
+        """PUT with If-None-Match: * (version None) or If-Match: version; returns the new ETag."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_object(uri)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            resp = self.client.put_object(
+                Bucket=bucket, Key=key, Body=data, Metadata={SHA256_METADATA: sha}, **condition
+            )
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                what = "exists already" if version is None else f"is no longer version {version}"
+                raise PreconditionFailed(
+                    f"conditional put {uri} refused by {_endpoint_name(self.endpoint)}: the object {what}"
+                ) from exc
+            _raise(exc, "put", bucket, key, self.endpoint)
+        except Exception as exc:
+            _raise(exc, "put", bucket, key, self.endpoint)
+        return resp["ETag"]
 
     def put_file(self, src: Path, uri: str) -> Tuple[int, str]:
         bucket, key = split_object(uri)
