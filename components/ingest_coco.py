@@ -46,6 +46,8 @@ def ingest_coco(
         "counts": result.counts,
         "repairs": result.repairs,  # split -> {clip_bbox, drop_polygon, drop_annotation, strict_errors}
         "report_uri": result.report_uri,
+        # split -> content id (sha256 over its annotation and image digests): what retraining compares.
+        "data_versions": result.data_versions,
     }
     for split, counts in result.repairs.items():
         done = ", ".join(f"{n} {action}" for action, n in counts.items() if action != "strict_errors")

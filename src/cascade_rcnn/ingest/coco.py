@@ -27,6 +27,7 @@ from cascade_rcnn.ingest.manifest import (
     MANIFEST_NAME,
     REPORT_NAME,
     build_manifest,
+    data_version,
     dataset_root,
     hash_tree,
     read_manifest,
@@ -56,6 +57,7 @@ class IngestResult:
     downloaded_bytes: int = 0
     repairs: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> action -> count
     report_uri: str = ""  # every repair, per annotation id
+    data_versions: dict[str, str] = field(default_factory=dict)  # split -> manifest.data_version
 
 
 def subset_annotations(data: dict, max_images: int) -> dict:
@@ -173,7 +175,8 @@ def ingest_coco(
         # Manifests written before repairs existed have no counts: nothing was repaired then.
         repairs = {s: existing["splits"][s].get("repairs", {}) for s in splits}
         report_uri = existing.get("report", {}).get("uri", "")
-        return IngestResult(manifest_uri, 0, True, counts, 0, repairs, report_uri)
+        versions = {s: data_version(existing, s) for s in splits}
+        return IngestResult(manifest_uri, 0, True, counts, 0, repairs, report_uri, versions)
     if existing is not None:
         # Retract the old manifest first: from here on the stored tree is a mix of old and new.
         logger.warning("%s: source or parameters changed; ingesting again", manifest_uri)
@@ -295,7 +298,10 @@ def ingest_coco(
         write_manifest(manifest, manifest_uri)
         logger.info("wrote %s", manifest_uri)
         downloaded = getattr(stager, "downloaded_bytes", 0)
-        return IngestResult(manifest_uri, stats.files, False, counts, downloaded, repairs, report_uri)
+        versions = {s: data_version(manifest, s) for s in splits}
+        return IngestResult(
+            manifest_uri, stats.files, False, counts, downloaded, repairs, report_uri, versions
+        )
     finally:
         shutil.rmtree(work if own_tmp else stage, ignore_errors=True)
 

@@ -20,6 +20,7 @@ Manifest shape (read by cascade_rcnn.data's resolve_dataset through splits.<spli
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -92,6 +93,32 @@ def build_manifest(
         **({"report": report} if report is not None else {}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+DATA_VERSION_PREFIX = "dv1-"
+
+
+def data_version(manifest: Mapping, split: str) -> str:
+    """A stable id of `split`'s content: sha256 over the digest of its (repaired) annotation file and
+    of every image under it, by path. The same bytes give the same id whatever the source, root or
+    ingest time; any changed, added or removed image or annotation gives another. Derived from the
+    manifest alone, so manifests written before the id existed have one too."""
+    uri = manifest.get("root", "<manifest>")
+    splits = manifest.get("splits")
+    if not isinstance(splits, Mapping) or split not in splits:
+        have = ", ".join(sorted(splits)) if isinstance(splits, Mapping) else "none"
+        raise ValueError(f"{uri}: the manifest has no split {split!r} (splits: {have})")
+    annotations = f"annotations/instances_{split}.json"
+    digest = hashlib.sha256()
+    found = False
+    for entry in sorted(manifest.get("files", []), key=lambda e: e["path"]):
+        path = entry["path"]
+        if path == annotations or path.startswith(f"{split}/"):
+            found = found or path == annotations
+            digest.update(f"{path}\t{entry['sha256']}\n".encode())
+    if not found:
+        raise ValueError(f"{uri}: the manifest's files do not list {annotations}")
+    return DATA_VERSION_PREFIX + digest.hexdigest()[:32]
 
 
 def read_manifest(uri: str) -> dict | None:
