@@ -1,4 +1,4 @@
-"""KFP lightweight components of the training pipeline, one per file.
+"""KFP lightweight components of the training and retraining pipelines, one per file.
 
 Each file holds the step's function (typed KFP inputs and outputs, imports inside, a thin call into
 `cascade_rcnn`) and `build(base_image)`, which makes the component for an image. The function's
@@ -9,6 +9,6 @@ Artifacts stay small: a Dataset holds the ingest manifest URI and a Model the ch
 data and checkpoints themselves live under the object-store root.
 """
 
-from components import evaluate, fetch_weights, finetune, ingest_coco, train
+from components import check_new_data, evaluate, fetch_weights, finetune, ingest_coco, promote, train
 
-__all__ = ["evaluate", "fetch_weights", "finetune", "ingest_coco", "train"]
+__all__ = ["check_new_data", "evaluate", "fetch_weights", "finetune", "ingest_coco", "promote", "train"]

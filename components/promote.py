@@ -1,0 +1,71 @@
+"""Component `promote`: promote the challenger only if it beats the champion (cascade_rcnn.retrain).
+
+Re-evaluates the champion when the evaluation data changed since its record, writes the decision
+to `<root>/models/<model_name>/` (champion.json, history/), and shows it in the KFP UI: the
+comparison as Markdown and HTML (AP table, per-class deltas, example images of both) and the
+Metrics of both models.
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl.python_component import PythonComponent
+
+
+def promote(
+    dataset: Input[Dataset],
+    challenger: Input[Model],
+    challenger_eval: Input[Metrics],
+    root: str,
+    model_name: str,
+    train_split: str,
+    eval_split: str,
+    eval_max_images: int,
+    config: str,
+    config_opts: list,
+    metric: str,
+    min_improvement: float,
+    device: str,
+    run_id: str,
+    job_id: str,
+    comparison: Output[Markdown],
+    report: Output[HTML],
+    champion_metrics: Output[Metrics],
+    challenger_metrics: Output[Metrics],
+) -> str:
+    """Returns the decision: promoted or rejected."""
+    from cascade_rcnn import storage
+    from cascade_rcnn.evaluation import kfp_metrics
+    from cascade_rcnn.logs import setup_logging
+    from cascade_rcnn.retrain import decide_promotion
+
+    setup_logging()
+    run = run_id or job_id
+    decision = decide_promotion(
+        root=root,
+        model_name=model_name,
+        manifest_uri=dataset.metadata["manifest_uri"],
+        train_split=train_split,
+        eval_split=eval_split,
+        eval_max_images=eval_max_images if eval_max_images > 0 else None,
+        config=config,
+        config_opts=[str(x) for x in config_opts],
+        checkpoint_uri=challenger.metadata["checkpoint_uri"],
+        challenger_eval=challenger_eval.metadata["output_uri"],
+        run_id=run,
+        output=storage.join(root, "runs", run, "promote"),
+        device=device,
+        metric=metric,
+        min_improvement=min_improvement,
+        report_md_to=comparison.path,
+        report_html_to=report.path,
+    )
+    for name, value in kfp_metrics(decision.challenger.metrics).items():
+        challenger_metrics.log_metric(name, value)
+    for name, value in kfp_metrics(decision.champion_metrics or {}).items():
+        champion_metrics.log_metric(name, value)
+    print(f"{decision.decision}: {decision.reason} (history: {decision.history_uri})")
+    return decision.decision
+
+
+def build(base_image: str) -> PythonComponent:
+    return dsl.component(promote, base_image=base_image, install_kfp_package=False)
