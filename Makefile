@@ -28,10 +28,13 @@ unit: $(STAMP)
 
 test: lint unit
 
-# The whole pipeline (ingest, weights, train, evaluate, finetune) under kfp.local on CPU, against a
-# SeaweedFS it starts on 127.0.0.1, on a generated shapes data set.
+# The retraining pipeline (ingest, check for new data, weights, train, evaluate, promote) under
+# kfp.local on CPU, against a SeaweedFS on 127.0.0.1 that keeps its data in demo_out/s3, on a
+# generated shapes data set. The first run trains and promotes; a second one finds the data
+# unchanged and skips. demo_out/summary.json says which. The training pipeline alone:
+# `python -m pipelines run-local`.
 demo: $(STAMP)
-	$(PY) -m pipelines run-local
+	$(PY) -m pipelines run-local --pipeline retraining
 
 # The components in the cpu image through kfp.local's DockerRunner (podman serving the Docker API; root).
 # First run about 10-12 min (base image, image build); an unchanged tree about 35 s.

@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 from cascade_rcnn.logs import setup_logging
+from pipelines import retraining, training
 from pipelines.params import ParameterError, kfp_cron
-from pipelines.training import COMPILED, CompileOptions, compile_pipeline
+from pipelines.training import CompileOptions
+
+PIPELINES = {"training": training, "retraining": retraining}
 
 log = logging.getLogger("pipelines")
 
@@ -108,8 +111,21 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
     )
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--package", type=Path, help="a compiled pipeline to send (default: compile one now)")
+def _add_pipeline_choice(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--pipeline",
+        choices=sorted(PIPELINES),
+        default=default,
+        help=f"which pipeline: training (train once) or retraining (train when the data changed, "
+        f"promote when better) (default: {default})",
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser, default_pipeline: str) -> None:
+    _add_pipeline_choice(p, default_pipeline)
+    p.add_argument(
+        "--package", type=Path, help="a compiled pipeline to send (default: compile --pipeline now)"
+    )
     p.add_argument(
         "--endpoint", help="KFP API endpoint, e.g. http://localhost:8080 (default: $KF_PIPELINES_ENDPOINT)"
     )
@@ -136,27 +152,33 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines",
-        description="Compile, submit, schedule or locally run the training pipeline.",
+        description="Compile, submit, schedule or locally run the training and retraining pipelines.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compile", help="compile the pipeline to YAML")
-    p.add_argument("--output", type=Path, default=COMPILED, help=f"YAML to write (default: {COMPILED})")
+    p = sub.add_parser("compile", help="compile the pipelines to YAML")
+    p.add_argument(
+        "--pipeline",
+        choices=[*sorted(PIPELINES), "all"],
+        help="which pipeline to compile (default: all, each to pipelines/compiled/; with --output: training)",
+    )
+    p.add_argument("--output", type=Path, help="YAML to write (one pipeline)")
     _add_compile_options(p)
 
     p = sub.add_parser("submit", help="start one run on a KFP cluster and print its URL")
     p.add_argument("--run-name", help="display name of the run")
     p.add_argument("--no-cache", action="store_true", help="run every step even if a cached result exists")
-    _add_run_options(p)
+    _add_run_options(p, "training")
 
     p = sub.add_parser("schedule", help="create a recurring run (caching off, one at a time, no catch-up)")
     p.add_argument(
         "--cron", required=True, help="five-field cron in the cluster's time zone, e.g. '0 2 * * *'"
     )
     p.add_argument("--name", default="cascade-rcnn-retraining", help="recurring run name")
-    _add_run_options(p)
+    _add_run_options(p, "retraining")
 
-    p = sub.add_parser("run-local", help="run the whole pipeline here (kfp.local, CPU, local SeaweedFS)")
+    p = sub.add_parser("run-local", help="run a whole pipeline here (kfp.local, CPU, local SeaweedFS)")
+    _add_pipeline_choice(p, "training")
     p.add_argument(
         "--workdir", type=Path, default=Path("demo_out"), help="where everything goes (default: demo_out)"
     )
@@ -176,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="with --package: a run parameter on top (e.g. accelerator_count=1, amp=false); repeatable",
+        help="with --package or --pipeline retraining: a run parameter on top (e.g. accelerator_count=1, "
+        "amp=false, force=true, min_improvement=1.0); repeatable",
     )
     return parser
 
@@ -186,7 +209,7 @@ def _package(args: argparse.Namespace, tmp: str) -> Path:
         if not args.package.is_file():
             raise ParameterError(f"--package {args.package}: no such file")
         return args.package
-    return compile_pipeline(Path(tmp) / "pipeline.yaml", compile_options(args))
+    return PIPELINES[args.pipeline].compile_pipeline(Path(tmp) / "pipeline.yaml", compile_options(args))
 
 
 def _run_local(args: argparse.Namespace) -> int:
@@ -199,15 +222,31 @@ def _run_local(args: argparse.Namespace) -> int:
             if value < 1:
                 raise ParameterError(f"--{name.replace('_', '-')} {value}: must be at least 1")
             setattr(settings, name, value)
+    from pipelines.params import check_params, parse_params, pipeline_inputs
+
+    if args.pipeline == "retraining":
+        from pipelines.run_local import retrain_summary, run_retrain_local
+
+        if args.package is not None:
+            raise ParameterError("--package runs the training pipeline; drop it with --pipeline retraining")
+        inputs = pipeline_inputs(retraining.COMPILED)
+        overrides = parse_params(args.param, inputs)
+        check_params(
+            {"root": "s3://placeholder-bucket/x", **overrides}, inputs
+        )  # the local root is set later
+        summary_ = run_retrain_local(args.workdir, settings, overrides=overrides)
+        print(retrain_summary(summary_, args.workdir.resolve()))
+        return 0
     overrides = None
     if args.package is not None:
-        from pipelines.params import parse_params, pipeline_inputs
-
         if not args.package.is_file():
             raise ParameterError(f"--package {args.package}: no such file")
         overrides = parse_params(args.param, pipeline_inputs(args.package))
     elif args.param:
-        raise ParameterError("--param needs --package (the built pipeline takes the demo's arguments)")
+        raise ParameterError(
+            "--param needs --package or --pipeline retraining (the built training pipeline takes the "
+            "demo's arguments)"
+        )
     run = run_local(args.workdir, settings, package=args.package, overrides=overrides)
     print(summary(run, args.workdir.resolve() / "s3"))
     return 0
@@ -218,8 +257,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     try:
         if args.command == "compile":
-            path = compile_pipeline(args.output, compile_options(args))
-            print(f"wrote {path}")
+            choice = args.pipeline or ("all" if args.output is None else "training")
+            names = sorted(PIPELINES) if choice == "all" else [choice]
+            if args.output is not None and len(names) > 1:
+                raise ParameterError("--output takes one pipeline: --pipeline training or retraining")
+            for name in names:
+                module = PIPELINES[name]
+                path = module.compile_pipeline(args.output or module.COMPILED, compile_options(args))
+                print(f"wrote {path}")
             return 0
         if args.command == "run-local":
             return _run_local(args)

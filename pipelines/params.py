@@ -11,11 +11,14 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+from cascade_rcnn.registry import MODEL_NAME_PATTERN
+
 # An accelerator step is one pod; Ascend forms collective groups of 1, 2, 4 or 8 NPUs (an HCCS ring
 # or a whole 8-chip server), and 16-chip nodes (A3) take multiples of 8.
 _SMALL_GROUPS = (1, 2, 4)
 # S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting and ending alphanumeric.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
 _CRON_FIELD = re.compile(r"^[0-9A-Za-z*?/,#-]+$")
 CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 
@@ -134,10 +137,10 @@ def check_params(params: Mapping[str, Any], inputs: Mapping[str, dict]) -> dict[
             isinstance(n, int) and valid_accelerator_count(n),
             f"accelerator_count={n!r} is not a valid NPU group: use 1, 2, 4, 8 or a multiple of 8",
         )
-    for name in ("iterations", "finetune_iterations", "batch_per_device"):
+    for name in ("iterations", "finetune_iterations", "warm_start_iterations", "batch_per_device"):
         if name in merged:
             check(merged[name] >= 1, f"{name}={merged[name]!r} must be at least 1")
-    for name in ("learning_rate", "finetune_learning_rate"):
+    for name in ("learning_rate", "finetune_learning_rate", "warm_start_learning_rate"):
         if name in merged:
             check(merged[name] > 0, f"{name}={merged[name]!r} must be positive")
     for name in ("max_images", "eval_max_images"):
@@ -161,6 +164,27 @@ def check_params(params: Mapping[str, Any], inputs: Mapping[str, dict]) -> dict[
         )
     if "splits" in merged:
         check(bool(merged["splits"]), "splits is empty: name at least the training split")
+    for name in ("train_split", "eval_split"):
+        if name in merged:
+            check(bool(merged[name]), f"{name} is empty: name a split of the data set")
+    if "min_improvement" in merged:
+        value = merged["min_improvement"]
+        check(
+            isinstance(value, (int, float)) and value >= 0,
+            f"min_improvement={value!r} must be 0 or more (AP points)",
+        )
+    if "metric" in merged:
+        task, _, key = str(merged["metric"]).partition("/")
+        check(
+            task in ("bbox", "segm") and bool(key),
+            f"metric={merged['metric']!r}: use bbox/NAME or segm/NAME, e.g. segm/AP, bbox/AP50, segm/APs",
+        )
+    if "model_name" in merged:
+        check(
+            bool(MODEL_NAME_PATTERN.match(str(merged["model_name"]))),
+            f"model_name={merged['model_name']!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+        )
     if problems:
         raise ParameterError("invalid parameters:\n  " + "\n  ".join(problems))
     return merged

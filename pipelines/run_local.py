@@ -33,6 +33,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
+from pipelines import retraining
 from pipelines.training import CompileOptions, build_pipeline
 
 log = logging.getLogger(__name__)
@@ -361,4 +362,150 @@ def summary(run: LocalRun, s3_data: Optional[Path] = None) -> str:
     ]
     if s3_data is not None:
         lines.append(f"(serve the bucket again: python -m cascade_rcnn.local_s3 --data {s3_data})")
+    return "\n".join(lines)
+
+
+SUMMARY_JSON = "summary.json"
+
+
+def retrain_arguments(
+    root: str, data_dir: Path, weights: Path, weights_sha256: str, settings: LocalSettings
+) -> dict:
+    """The retraining pipeline's arguments here: the demo's data, model and sizes; the promotion rule,
+    warm start and force keep the pipeline's defaults."""
+    return {
+        "root": root,
+        "model_name": "shapes-demo",
+        "data_source": str(data_dir),
+        "dataset_name": "shapes",
+        "weights": str(weights),
+        "weights_sha256": weights_sha256,
+        "config": str(DEMO_CONFIG),
+        "config_opts": demo_opts(settings),
+        "iterations": settings.iterations,
+        "learning_rate": settings.learning_rate,
+        "warm_start_iterations": settings.finetune_iterations,
+        "warm_start_learning_rate": settings.finetune_learning_rate,
+        "batch_per_device": settings.batch,
+        "accelerator_type": "cpu",  # recorded in the Models; kfp.local ignores resource requests
+        "accelerator_count": 1,
+    }
+
+
+def run_retrain_local(
+    workdir: Path,
+    settings: Optional[LocalSettings] = None,
+    server: Any = None,
+    bucket: str = BUCKET,
+    overrides: Optional[dict[str, Any]] = None,
+) -> dict:
+    """One run of the retraining pipeline under `workdir`, keeping what a schedule keeps between runs:
+    the generated data (workdir/data, made once), the bucket (workdir/s3, or `server`'s) and with it
+    the model registry. A first run trains and promotes; a second on the same workdir finds the data
+    unchanged and skips. Writes and returns workdir/summary.json: trained, promoted, decision, reason,
+    champion (the registry's record), history (every decision so far) and where the reports are.
+
+    server: a running SeaweedServer to use instead of one on workdir/s3 (the bucket is created when
+    missing). overrides: run arguments on top (e.g. force, data_source)."""
+    import kfp.local
+
+    from cascade_rcnn import registry
+    from cascade_rcnn.data.shapes import make_shapes
+    from cascade_rcnn.local_s3 import start_seaweedfs
+
+    settings = settings or LocalSettings()
+    workdir = Path(workdir).resolve()
+    for sub in ("kfp", "workspace"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    for name in ("comparison.html", "comparison.md", SUMMARY_JSON):
+        (workdir / name).unlink(missing_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    data_dir = workdir / "data"
+    if not (data_dir / "annotations").is_dir():
+        sizes = dict(min_size=settings.min_size, max_size=settings.max_size)
+        make_shapes(
+            str(data_dir), num_train=settings.train_images, num_val=settings.val_images, seed=0, **sizes
+        )
+    opts = demo_opts(settings)
+    weights = workdir / "weights" / "random-init.pth"
+    weights_sha256 = write_seed_weights(weights, opts)  # seeded: the same bytes every run
+
+    own_server = server is None
+    if own_server:
+        server = start_seaweedfs(workdir / "s3", remove_data=False)
+    try:
+        with environment(dict(server.env())):
+            client = server.client()
+            if bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+                client.create_bucket(Bucket=bucket)
+            root = f"s3://{bucket}/cascade-rcnn"
+            kfp.local.init(
+                runner=kfp.local.SubprocessRunner(use_venv=False),
+                pipeline_root=str(workdir / "kfp"),
+                workspace_root=str(workdir / "workspace"),
+                raise_on_error=True,
+            )
+            arguments = retrain_arguments(root, data_dir, weights, weights_sha256, settings)
+            arguments.update(overrides or {})
+            pipeline = retraining.build_pipeline(CompileOptions(train_retries=0))
+            log.info("running %s locally under %s", pipeline.name, workdir)
+            pipeline(**arguments)
+            (run_dir,) = [p for p in (workdir / "kfp").iterdir() if p.is_dir() and not p.name.startswith(".")]
+            outputs = _read_outputs(run_dir)
+            parameters = _read_parameters(run_dir)
+            model_name = arguments["model_name"]
+            champion, _ = registry.read_champion(root, model_name)
+            history = registry.read_history(root, model_name)
+    finally:
+        if own_server:
+            server.close()
+
+    plan = parameters.get("check-new-data", {}).get("Output", "skip")
+    # The promote task of whichever branch ran (kfp numbers same-named tasks: promote, promote-2).
+    promote = next((t for t in sorted(parameters) if t.startswith("promote")), None)
+    decision = parameters[promote]["Output"] if promote else "skipped"
+    latest = history[-1] if history else {}
+    summary = {
+        "trained": plan != "skip",
+        "plan": plan,
+        "promoted": decision == "promoted",
+        "decision": decision,
+        "reason": latest.get("reason", ""),
+        "champion": champion.to_json() if champion else None,
+        "history": [{k: h.get(k) for k in ("time", "run_id", "decision", "reason", "uri")} for h in history],
+        "steps": sorted(parameters),  # the tasks that ran
+        "root": root,
+        "kfp_run": str(run_dir),
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    if promote:
+        shutil.copyfile(outputs[promote]["report"]["uri"], workdir / "comparison.html")
+        shutil.copyfile(outputs[promote]["comparison"]["uri"], workdir / "comparison.md")
+        summary["comparison"] = str(workdir / "comparison.md")
+    (workdir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _read_parameters(run_dir: Path) -> dict[str, dict]:
+    """{task: {output parameter: value}} from kfp.local's executor outputs."""
+    params: dict[str, dict] = {}
+    for executor_output in sorted(run_dir.glob("*/executor_output.json")):
+        data = json.loads(executor_output.read_text())
+        params[executor_output.parent.name] = dict(data.get("parameterValues", {}))
+    return params
+
+
+def retrain_summary(summary: dict, workdir: Path) -> str:
+    champion = summary["champion"] or {}
+    lines = [
+        f"retraining run finished in {summary['seconds'] / 60:.1f} min: "
+        f"{'trained' if summary['trained'] else 'did not train'}, {summary['decision']}",
+        f"reason: {summary['reason']}",
+        f"champion: {champion.get('checkpoint_uri', 'none')} (run {champion.get('run_id', '-')})",
+        f"decisions so far: {', '.join(h['decision'] for h in summary['history']) or 'none'}",
+        f"summary: {workdir / SUMMARY_JSON}",
+    ]
+    if "comparison" in summary:
+        lines.append(f"comparison: {workdir / 'comparison.html'} and {summary['comparison']}")
     return "\n".join(lines)

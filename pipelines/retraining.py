@@ -1,0 +1,195 @@
+"""The pipeline `cascade-mask-rcnn-retraining`, for schedules: ingest -> check_new_data ->
+(only when the data changed, or with force) train a challenger -> evaluate -> promote.
+
+A pipeline of its own rather than a `mode` of the training pipeline: its graph and parameters differ
+(a model name, the promotion rule, warm start), and a schedule's UI then shows only what it runs.
+
+- check_new_data runs on the CPU image right after ingest: with the training split's data version
+  equal to the champion's (and force false) the run ends there, with a "skipped: data unchanged"
+  record and no accelerator pod requested.
+- The challenger is fine-tuned from the champion's checkpoint (warm_start, the default, when there
+  is a champion: warm_start_iterations at warm_start_learning_rate), else trained from the
+  pretrained `weights` with the full schedule.
+- promote re-evaluates the champion when the evaluation split changed since its record, then
+  promotes the challenger only if it beats the champion's `metric` by at least `min_improvement`;
+  every decision goes to `<root>/models/<model_name>/history/`.
+
+Images, placement, retries and the S3 Secret are the training pipeline's CompileOptions.
+"""
+
+from pathlib import Path
+from typing import Optional, Union
+
+from kfp import compiler, dsl, kubernetes
+
+from components import check_new_data, evaluate, fetch_weights, finetune, ingest_coco, promote, train
+from pipelines.training import (
+    DEFAULT_CONFIG,
+    DEFAULT_WEIGHTS,
+    CompileOptions,
+    _on_accelerators,
+    _with_s3_secret,
+)
+
+PIPELINE_NAME = "cascade-mask-rcnn-retraining"
+COMPILED = Path(__file__).resolve().parent / "compiled" / "cascade_mask_rcnn_retraining.yaml"
+DEFAULT_MODEL_NAME = "cascade-mask-rcnn"
+
+
+def build_pipeline(opts: Optional[CompileOptions] = None):
+    """The retraining pipeline function (a kfp GraphComponent) for these compile options."""
+    opts = opts or CompileOptions()
+    ingest_op = ingest_coco.build(opts.cpu_image)
+    check_op = check_new_data.build(opts.cpu_image)
+    weights_op = fetch_weights.build(opts.cpu_image)
+    train_op = train.build(opts.train_image)
+    finetune_op = finetune.build(opts.train_image)
+    evaluate_op = evaluate.build(opts.cpu_image)
+    promote_op = promote.build(opts.cpu_image)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Scheduled retraining: ingest, train a challenger only when the data changed, "
+        "evaluate it, and promote it only if it beats the champion. The registry lives under "
+        "`<root>/models/<model_name>/`.",
+    )
+    def cascade_mask_rcnn_retraining(
+        root: str,
+        model_name: str = DEFAULT_MODEL_NAME,
+        force: bool = False,
+        warm_start: bool = True,
+        metric: str = "segm/AP",
+        min_improvement: float = 0.0,
+        data_source: str = "coco-official",
+        dataset_name: str = "coco2017",
+        train_split: str = "train2017",
+        eval_split: str = "val2017",
+        max_images: int = 0,
+        ingest_strict: bool = False,
+        weights: str = DEFAULT_WEIGHTS,
+        weights_sha256: str = "",
+        config: str = DEFAULT_CONFIG,
+        config_opts: list = [],  # noqa: B006 (kfp reads the default from here)
+        iterations: int = 22500,
+        learning_rate: float = 0.2,
+        warm_start_iterations: int = 2000,
+        warm_start_learning_rate: float = 0.02,
+        batch_per_device: int = 16,
+        accelerator_type: str = "huawei.com/Ascend910",
+        accelerator_count: int = 8,
+        device: str = "auto",
+        amp: bool = True,
+        eval_max_images: int = 0,
+        run_id: str = "",
+        s3_secret: str = "cascade-rcnn-s3",
+    ):
+        """root: s3://bucket/prefix of data sets, weights, runs and the model registry.
+        force: train even when the data did not change. metric: TASK/NAME of the promotion rule
+        (segm/AP, bbox/AP, bbox/AP50, ...); min_improvement in AP points."""
+        job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        ingest_task = ingest_op(
+            source=data_source,
+            root=root,
+            name=dataset_name,
+            splits=[train_split, eval_split],
+            max_images=max_images,
+            strict=ingest_strict,
+        ).set_display_name("ingest COCO")
+        _with_s3_secret(ingest_task, s3_secret, opts)
+        dataset = ingest_task.outputs["dataset"]
+
+        check_task = check_op(
+            dataset=dataset,
+            root=root,
+            model_name=model_name,
+            train_split=train_split,
+            force=force,
+            warm_start=warm_start,
+            run_id=run_id,
+            job_id=job_id,
+        ).set_display_name("check for new data")
+        _with_s3_secret(check_task, s3_secret, opts)
+
+        run_inputs = dict(dataset=dataset, config=config, root=root, run_id=run_id, job_id=job_id)
+        shared = dict(
+            batch_per_device=batch_per_device,
+            nproc_per_node=accelerator_count,
+            accelerator=accelerator_type,
+            device=device,
+            amp=amp,
+            config_opts=config_opts,
+        )
+
+        def evaluate_and_promote(model):
+            eval_task = evaluate_op(
+                **run_inputs,
+                model=model,
+                split=eval_split,
+                max_images=eval_max_images,
+                device=device,
+                config_opts=config_opts,
+            ).set_display_name("evaluate challenger")
+            kubernetes.empty_dir_mount(
+                eval_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="8Gi"
+            )
+            _with_s3_secret(eval_task, s3_secret, opts)
+            promote_task = promote_op(
+                dataset=dataset,
+                challenger=model,
+                challenger_eval=eval_task.outputs["metrics"],
+                root=root,
+                model_name=model_name,
+                train_split=train_split,
+                eval_split=eval_split,
+                eval_max_images=eval_max_images,
+                config=config,
+                config_opts=config_opts,
+                metric=metric,
+                min_improvement=min_improvement,
+                device=device,
+                run_id=run_id,
+                job_id=job_id,
+            ).set_display_name("promote if better")
+            kubernetes.empty_dir_mount(
+                promote_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="8Gi"
+            )
+            _with_s3_secret(promote_task, s3_secret, opts)
+
+        plan = check_task.outputs["Output"]
+        with dsl.If(plan == "warm-start", name="warm-start"):
+            warm_task = finetune_op(
+                **run_inputs,
+                **shared,
+                base_model=check_task.outputs["champion"],
+                data="",
+                iterations=warm_start_iterations,
+                learning_rate=warm_start_learning_rate,
+                finetune_opts=[],
+            ).set_display_name("train challenger (warm start)")
+            _on_accelerators(warm_task, accelerator_type, accelerator_count, opts)
+            _with_s3_secret(warm_task, s3_secret, opts)
+            evaluate_and_promote(warm_task.outputs["model"])
+        with dsl.Elif(plan == "from-pretrained", name="from-pretrained"):
+            weights_task = weights_op(source=weights, sha256=weights_sha256, root=root)
+            weights_task.set_display_name("fetch weights")
+            _with_s3_secret(weights_task, s3_secret, opts)
+            cold_task = train_op(
+                **run_inputs,
+                **shared,
+                weights=weights_task.outputs["model"],
+                iterations=iterations,
+                learning_rate=learning_rate,
+            ).set_display_name("train challenger")
+            _on_accelerators(cold_task, accelerator_type, accelerator_count, opts)
+            _with_s3_secret(cold_task, s3_secret, opts)
+            evaluate_and_promote(cold_task.outputs["model"])
+
+    return cascade_mask_rcnn_retraining
+
+
+def compile_pipeline(output: Union[str, Path] = COMPILED, opts: Optional[CompileOptions] = None) -> Path:
+    """Compile to `output` (YAML); returns its path."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline_func=build_pipeline(opts), package_path=str(output))
+    return output

@@ -1,0 +1,133 @@
+"""The compiled retraining pipeline: checked in and current, the data check before any accelerator
+step, credentials only by Secret reference; `python -m pipelines schedule` sends it by default,
+with its parameters checked before it connects."""
+
+import secrets
+
+import pytest
+import yaml
+from test_pipeline_cli import GOOD, KfpApiStandIn, _tasks_caching
+from test_pipeline_compile import _all_tasks, _docs, _without_sdk_version
+
+from pipelines import retraining
+from pipelines.cli import main as cli_main
+from pipelines.params import ParameterError, check_params, pipeline_inputs
+
+COMPILED = retraining.COMPILED
+ACCELERATOR_STEPS = ("train", "finetune")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return retraining.compile_pipeline(tmp_path_factory.mktemp("compiled") / "retraining.yaml")
+
+
+def test_checked_in_yaml_is_what_the_code_compiles(compiled):
+    assert COMPILED.is_file(), f"{COMPILED} is missing: run `python -m pipelines compile`"
+    assert _without_sdk_version(COMPILED.read_text()) == _without_sdk_version(compiled.read_text()), (
+        f"{COMPILED} is stale: run `python -m pipelines compile` and commit it"
+    )
+
+
+def test_training_runs_only_after_the_data_check_and_only_on_its_plan(compiled):
+    spec, platform = _docs(compiled)
+    tasks = _all_tasks(spec)
+    trainers = [
+        n for n, t in tasks.items() if t["componentRef"]["name"].startswith(("comp-train", "comp-finetune"))
+    ]
+    assert sorted(trainers) == ["finetune", "train"]
+    for name in trainers:
+        assert "check-new-data" in tasks[name]["_after"], name
+    # Each training branch sits under a condition on the check's output, one per plan.
+    conditions = {
+        n: t["triggerPolicy"]["condition"]
+        for n, t in tasks.items()
+        if t.get("triggerPolicy", {}).get("condition")
+    }
+    assert len(conditions) == 2
+    assert all("check-new-data" in c for c in conditions.values())
+    assert any("'warm-start'" in c for c in conditions.values())
+    assert any("'from-pretrained'" in c for c in conditions.values())
+    # The check itself needs no accelerator; the trainers request one.
+    executors = spec["deploymentSpec"]["executors"]
+    assert "accelerator" not in str(executors["exec-check-new-data"]["container"].get("resources", {}))
+    for name in ("exec-train", "exec-finetune"):
+        assert "accelerator" in executors[name]["container"]["resources"], name
+        assert "huawei.com/Ascend910" in str(platform["executors"][name]["tolerations"])
+    promoters = [n for n, t in tasks.items() if t["componentRef"]["name"].startswith("comp-promote")]
+    assert len(promoters) == 2  # one per branch
+
+
+def test_credentials_only_by_secret_reference(tmp_path, monkeypatch):
+    access, secret = f"AKIA{secrets.token_hex(8).upper()}", secrets.token_urlsafe(30)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    path = retraining.compile_pipeline(tmp_path / "p.yaml")
+    text = path.read_text()
+    assert access not in text and secret not in text
+    spec, platform = _docs(path)
+    for executor in spec["deploymentSpec"]["executors"].values():
+        assert not [e for e in executor["container"].get("env", []) if e["name"].startswith("AWS_")]
+    for name in spec["deploymentSpec"]["executors"]:
+        required = next(s for s in platform["executors"][name]["secretAsEnv"] if not s["optional"])
+        assert required["secretNameParameter"]["componentInputParameter"].endswith("s3_secret")
+
+
+@pytest.mark.parametrize(
+    "params, words",
+    [
+        ({"min_improvement": -0.5}, "min_improvement=-0.5 must be 0 or more"),
+        ({"metric": "AP"}, "metric='AP': use bbox/NAME or segm/NAME"),
+        ({"model_name": "../prod"}, "model_name='../prod'"),
+        ({"warm_start_iterations": 0}, "warm_start_iterations=0 must be at least 1"),
+        ({"eval_split": ""}, "eval_split is empty"),
+    ],
+)
+def test_bad_retraining_parameters_are_refused(params, words):
+    with pytest.raises(ParameterError, match=words.replace("(", r"\(").replace(".", r"\.")):
+        check_params({"root": "s3://b-1/x", **params}, pipeline_inputs(COMPILED))
+
+
+def test_schedule_sends_the_retraining_pipeline_by_default(capsys):
+    with KfpApiStandIn() as api:
+        rc = cli_main(["schedule", "--endpoint", api.url, "--cron", "0 3 * * 1", *GOOD,
+                       "--param", "min_improvement=0.5"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    job = api.posted("/apis/v2beta1/recurringruns")
+    assert job["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == retraining.PIPELINE_NAME
+    assert job["runtime_config"]["parameters"]["min_improvement"] == 0.5
+    flags = _tasks_caching(job["pipeline_spec"]["pipeline_spec"])
+    assert flags and not any(flags)
+
+
+def test_schedule_refuses_bad_retraining_parameters_before_connecting(capsys):
+    with KfpApiStandIn() as api:
+        rc = cli_main(["schedule", "--endpoint", api.url, "--cron", "0 3 * * 1", *GOOD,
+                       "--param", "metric=mAP"])  # fmt: skip
+        assert api.requests == []
+    assert rc == 2
+    assert "metric='mAP'" in capsys.readouterr().err
+
+
+def test_compile_writes_both_pipelines(tmp_path, capsys):
+    assert cli_main(["compile", "--pipeline", "retraining", "--output", str(tmp_path / "r.yaml")]) == 0
+    doc = next(d for d in yaml.safe_load_all((tmp_path / "r.yaml").read_text()) if d and "root" in d)
+    assert doc["pipelineInfo"]["name"] == retraining.PIPELINE_NAME
+    assert cli_main(["compile", "--pipeline", "all", "--output", str(tmp_path / "x.yaml")]) == 2
+    assert "--output takes one pipeline" in capsys.readouterr().err
+
+
+def test_run_local_retraining_refuses_bad_parameters_before_starting(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    argv = [
+        "run-local",
+        "--pipeline",
+        "retraining",
+        "--workdir",
+        str(workdir),
+        "--param",
+        "min_improvement=-1",
+    ]
+    assert cli_main(argv) == 2
+    assert "min_improvement=-1.0 must be 0 or more" in capsys.readouterr().err
+    assert not workdir.exists()
