@@ -229,8 +229,8 @@ def compare(
     verdict = "beats" if promote else "does not beat"
     return Comparison(
         promote,
-        f"challenger {metric} {ours:.3f} {verdict} champion {theirs:.3f} by {min_improvement:g} "
-        f"(delta {delta:+.3f})",
+        f"challenger {metric} {ours:.3f} {verdict} champion {theirs:.3f} (delta {delta:+.3f}; "
+        f"promotion needs more than 0 and at least {min_improvement:g})",
         ours,
         theirs,
         delta,
