@@ -173,6 +173,17 @@ def write_seed_weights(path: Path, opts: list[str]) -> str:
     return storage.sha256_file(path)
 
 
+def _init_kfp_local(workdir: Path) -> None:
+    import kfp.local
+
+    kfp.local.init(
+        runner=kfp.local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(workdir / "kfp"),
+        workspace_root=str(workdir / "workspace"),
+        raise_on_error=True,
+    )
+
+
 def _read_outputs(run_dir: Path) -> dict[str, dict[str, dict]]:
     outputs: dict[str, dict[str, dict]] = {}
     for executor_output in sorted(run_dir.glob("*/executor_output.json")):
@@ -185,9 +196,10 @@ def _read_outputs(run_dir: Path) -> dict[str, dict[str, dict]]:
     return outputs
 
 
-def pipeline_arguments(
-    root: str, data_dir: Path, weights: Path, weights_sha256: str, finetune_data: str, settings: LocalSettings
+def _demo_arguments(
+    root: str, data_dir: Path, weights: Path, weights_sha256: str, settings: LocalSettings
 ) -> dict[str, Any]:
+    """What the training and retraining pipelines take alike here: the demo's data, model and sizes."""
     return {
         "root": root,
         "data_source": str(data_dir),
@@ -201,7 +213,15 @@ def pipeline_arguments(
         "batch_per_device": settings.batch,
         "accelerator_type": "cpu",  # recorded in the Models; kfp.local ignores resource requests
         "accelerator_count": 1,
-        # device and amp keep the pipeline's defaults (auto, True): on this CPU that means float32.
+        # device and amp keep the pipelines' defaults (auto, True): on this CPU that means float32.
+    }
+
+
+def pipeline_arguments(
+    root: str, data_dir: Path, weights: Path, weights_sha256: str, finetune_data: str, settings: LocalSettings
+) -> dict[str, Any]:
+    return {
+        **_demo_arguments(root, data_dir, weights, weights_sha256, settings),
         "finetune": True,
         "finetune_data": finetune_data,
         "finetune_iterations": settings.finetune_iterations,
@@ -303,12 +323,7 @@ def run_local(
             root = f"s3://{bucket}/cascade-rcnn"
             finetune_data = f"s3://{bucket}/finetune-data"
             storage.upload_tree(str(ft_dir), finetune_data, progress=False)
-            kfp.local.init(
-                runner=kfp.local.SubprocessRunner(use_venv=False),
-                pipeline_root=str(workdir / "kfp"),
-                workspace_root=str(workdir / "workspace"),
-                raise_on_error=True,
-            )
+            _init_kfp_local(workdir)
             if package is None:
                 # kfp.local honours retries, with their minutes of backoff: a local failure should show at once.
                 pipeline = build_pipeline(CompileOptions(train_retries=0))
@@ -371,24 +386,13 @@ SUMMARY_JSON = "summary.json"
 def retrain_arguments(
     root: str, data_dir: Path, weights: Path, weights_sha256: str, settings: LocalSettings
 ) -> dict:
-    """The retraining pipeline's arguments here: the demo's data, model and sizes; the promotion rule,
-    warm start and force keep the pipeline's defaults."""
+    """The retraining pipeline's arguments here; the promotion rule, warm start and force keep the
+    pipeline's defaults."""
     return {
-        "root": root,
+        **_demo_arguments(root, data_dir, weights, weights_sha256, settings),
         "model_name": "shapes-demo",
-        "data_source": str(data_dir),
-        "dataset_name": "shapes",
-        "weights": str(weights),
-        "weights_sha256": weights_sha256,
-        "config": str(DEMO_CONFIG),
-        "config_opts": demo_opts(settings),
-        "iterations": settings.iterations,
-        "learning_rate": settings.learning_rate,
         "warm_start_iterations": settings.finetune_iterations,
         "warm_start_learning_rate": settings.finetune_learning_rate,
-        "batch_per_device": settings.batch,
-        "accelerator_type": "cpu",  # recorded in the Models; kfp.local ignores resource requests
-        "accelerator_count": 1,
     }
 
 
@@ -407,7 +411,6 @@ def run_retrain_local(
 
     server: a running SeaweedServer to use instead of one on workdir/s3 (the bucket is created when
     missing). overrides: run arguments on top (e.g. force, data_source)."""
-    import kfp.local
 
     from cascade_rcnn import registry
     from cascade_rcnn.data.shapes import make_shapes
@@ -440,12 +443,7 @@ def run_retrain_local(
             if bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
                 client.create_bucket(Bucket=bucket)
             root = f"s3://{bucket}/cascade-rcnn"
-            kfp.local.init(
-                runner=kfp.local.SubprocessRunner(use_venv=False),
-                pipeline_root=str(workdir / "kfp"),
-                workspace_root=str(workdir / "workspace"),
-                raise_on_error=True,
-            )
+            _init_kfp_local(workdir)
             arguments = retrain_arguments(root, data_dir, weights, weights_sha256, settings)
             arguments.update(overrides or {})
             pipeline = retraining.build_pipeline(CompileOptions(train_retries=0))

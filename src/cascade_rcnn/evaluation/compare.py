@@ -16,12 +16,13 @@ import numpy as np
 
 from cascade_rcnn.evaluation.coco_eval import AP_FAMILY
 from cascade_rcnn.evaluation.report import (
-    _CSS,
     TASK_NAMES,
     _categories,
     _html_table,
     _md_table,
     draw_detections,
+    html_details_table,
+    html_page_start,
     png_base64,
 )
 
@@ -120,20 +121,10 @@ def comparison_html(
 ) -> str:
     """Standalone HTML: the decision, the AP tables with deltas, and each example image twice
     (champion left, challenger right) with the predictions drawn."""
-    title = "Champion vs challenger"
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{title}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{title}</h1>",
-        f"<p><strong>{html.escape(_headline(decision, reason))}</strong></p>",
-    ]
+    parts = html_page_start("Champion vs challenger")
+    parts.append(f"<p><strong>{html.escape(_headline(decision, reason))}</strong></p>")
     if details:
-        parts.append(
-            _html_table(["", ""], [[k, v] for k, v in details.items()]).replace(
-                "<table>", '<table class="details">', 1
-            )
-        )
+        parts.append(html_details_table(details))
     head, rows, cat_head, cat_rows = comparison_rows(challenger, champion)
     parts += ["<h2>AP (COCO, IoU 0.50:0.95, &times;100)</h2>", _html_table(head, rows)]
     if cat_rows:

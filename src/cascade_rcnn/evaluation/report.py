@@ -222,6 +222,24 @@ figcaption { font-size: 0.85em; color: #555; }
 """
 
 
+def html_page_start(title: str, details: Mapping[str, Any] | None = None) -> list[str]:
+    """The opening of a standalone report page: head with the styles, the title, the details table."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if details:
+        parts.append(html_details_table(details))
+    return parts
+
+
+def html_details_table(details: Mapping[str, Any]) -> str:
+    table = _html_table(["", ""], [[k, v] for k, v in details.items()])
+    return table.replace("<table>", '<table class="details">', 1)
+
+
 def html_report(
     metrics: Mapping[str, Mapping[str, float]],
     examples: Sequence[ReportExample | tuple] = (),
@@ -234,18 +252,7 @@ def html_report(
 
     examples: ReportExample or (image RGB (H,W,3) uint8, Detections, class names[, caption]) tuples.
     """
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-    ]
-    if details:
-        parts.append(
-            _html_table(["", ""], [[k, v] for k, v in details.items()]).replace(
-                "<table>", '<table class="details">', 1
-            )
-        )
+    parts = html_page_start(title, details)
     if metrics:
         fam_head, fam_rows, cat_head, cat_rows = _rows(metrics, "n/a")
         fam_rows = [[TASK_NAMES.get(r[0], r[0]), *r[1:]] for r in fam_rows]
