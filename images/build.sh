@@ -5,7 +5,9 @@
 # Usage: images/build.sh [--engine docker|podman] [--registry R] [--tag T] [--push]
 #                        [--platform P] [--build-arg K=V]... [--dry-run] [TARGET...]
 # Without TARGETs it builds cpu and ascend (what the training pipeline runs). Build args go to
-# every target (e.g. --build-arg BASE_IMAGE=... when one target is named).
+# every target (e.g. --build-arg BASE_IMAGE=... when one target is named). A target is
+# images/TARGET/Dockerfile, or images/TARGET/build-args: another target's Dockerfile (its DOCKERFILE
+# line) built with the KEY=VALUE lines there as build args, given before the command line's.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,7 +44,7 @@ if [ -z "$tag" ]; then
     exit 2
 fi
 for target in "${targets[@]}"; do
-    if [ ! -f "$root/images/$target/Dockerfile" ]; then
+    if [ ! -f "$root/images/$target/Dockerfile" ] && [ ! -f "$root/images/$target/build-args" ]; then
         echo "build.sh: unknown target '$target' (targets: ${targets_all[*]})" >&2
         exit 2
     fi
@@ -61,8 +63,20 @@ if [ -n "$platform" ]; then
 fi
 for target in "${targets[@]}"; do
     image="${registry%/}/cascade-rcnn-$target:$tag"
-    run "$engine" build "${platform_args[@]}" "${build_args[@]}" \
-        -f "$root/images/$target/Dockerfile" -t "$image" "$root"
+    dockerfile="$root/images/$target/Dockerfile"
+    target_args=()
+    if [ ! -f "$dockerfile" ]; then
+        while IFS= read -r line; do
+            case "$line" in
+                '' | '#'*) ;;
+                DOCKERFILE=*) dockerfile="$root/${line#DOCKERFILE=}" ;;
+                *) target_args+=(--build-arg "$line") ;;
+            esac
+        done < "$root/images/$target/build-args"
+        target_args+=(--build-arg "IMAGE_TARGET=$target")
+    fi
+    run "$engine" build "${platform_args[@]}" "${target_args[@]}" "${build_args[@]}" \
+        -f "$dockerfile" -t "$image" "$root"
     if [ "$push" -eq 1 ]; then
         run "$engine" push "$image"
     fi

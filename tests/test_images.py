@@ -87,8 +87,10 @@ class Dockerfile:
         return next(s for s in self.stages if s.name == name)
 
 
-def parse_dockerfile(path: Path) -> Dockerfile:
-    """The instructions of a Dockerfile grouped by stage (comments dropped, continuations joined)."""
+def parse_dockerfile(path: Path, build_args: dict[str, str] | None = None) -> Dockerfile:
+    """The instructions of a Dockerfile grouped by stage (comments dropped, continuations joined),
+    with `build_args` replacing the defaults of the ARGs they name, as `--build-arg` does."""
+    build_args = build_args or {}
     logical: list[tuple[int, str]] = []
     pending, start = "", 0
     for number, raw in enumerate(path.read_text().splitlines(), 1):
@@ -117,14 +119,28 @@ def parse_dockerfile(path: Path) -> Dockerfile:
         elif not stages:
             assert keyword == "ARG", f"{path}:{number}: only ARG may come before the first FROM"
             name, _, default = args.partition("=")
-            global_args[name.strip()] = default.strip()
+            global_args[name.strip()] = build_args.get(name.strip(), default.strip())
         else:
+            name = args.partition("=")[0].strip()
+            if keyword == "ARG" and name in build_args:
+                args = f"{name}={build_args[name]}"
             stages[-1].instructions.append(Instruction(keyword, args, number))
     return Dockerfile(path, global_args, stages)
 
 
+def target_build_args(target: str) -> tuple[Path, dict[str, str]]:
+    """(Dockerfile, build args) of a target, as images/build.sh builds it: its own Dockerfile, or the
+    one its build-args file names, with those arguments."""
+    own = IMAGES / target / "Dockerfile"
+    if own.is_file():
+        return own, {}
+    lines = (IMAGES / target / "build-args").read_text().splitlines()
+    args = dict(line.partition("=")[::2] for line in lines if line and not line.startswith("#"))
+    return ROOT / args.pop("DOCKERFILE"), {**args, "IMAGE_TARGET": target}
+
+
 def dockerfile(target: str) -> Dockerfile:
-    return parse_dockerfile(IMAGES / target / "Dockerfile")
+    return parse_dockerfile(*target_build_args(target))
 
 
 def exec_form(ins: Instruction) -> list[str]:
@@ -170,15 +186,33 @@ def tool(name: str) -> str:
 
 
 def test_every_target_has_a_dockerfile():
-    found = {p.parent.name for p in IMAGES.glob("*/Dockerfile")}
+    found = {p.parent.name for p in [*IMAGES.glob("*/Dockerfile"), *IMAGES.glob("*/build-args")]}
     assert found == set(TARGETS)
+    for target in TARGETS:
+        path, args = target_build_args(target)
+        declared = {
+            i.args.partition("=")[0].strip() for stage in dockerfile(target).stages for i in stage.all("ARG")
+        }
+        unknown = set(args) - declared - set(dockerfile(target).global_args)
+        assert path.is_file() and not unknown, f"{target}: build args {unknown} are not ARGs of {path}"
+
+
+def test_build_script_passes_a_targets_build_args():
+    result = run_script(str(IMAGES / "build.sh"), "--dry-run", "--build-arg", "X=1", "cuda")
+    assert result.returncode == 0, result.stderr
+    path, args = target_build_args("cuda")
+    passed = " ".join(f"--build-arg {k}={v}" for k, v in args.items())
+    assert result.stdout.splitlines() == [
+        f"+ docker build {passed} --build-arg X=1 -f {path} -t localhost/cascade-rcnn-cuda:"
+        f"{PYPROJECT['project']['version']} {ROOT}"
+    ]
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_hadolint_passes(target):
     config = ROOT / ".hadolint.yaml"
     extra = ["--config", str(config)] if config.exists() else []
-    result = run_script(tool("hadolint"), *extra, str(IMAGES / target / "Dockerfile"))
+    result = run_script(tool("hadolint"), *extra, str(target_build_args(target)[0]))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
