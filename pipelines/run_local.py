@@ -1,5 +1,6 @@
-"""`python -m pipelines run-local`: the whole training pipeline on this machine, before it ever
-reaches a cluster.
+"""`python -m pipelines run-local`: the whole training pipeline (`run_local`) or the retraining
+pipeline (`run_retrain_local`, what `make demo` runs) on this machine, before it ever reaches a
+cluster.
 
 kfp.local's SubprocessRunner runs the same component functions the cluster runs, one after another,
 in this Python environment (use_venv=False), on the CPU. Object storage is a SeaweedFS started here
