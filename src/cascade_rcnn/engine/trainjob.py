@@ -190,7 +190,8 @@ def _resources(cluster: Cluster) -> dict:
     if cluster.memory_limit:
         limits["memory"] = cluster.memory_limit
     if cluster.accelerator_type:
-        requests[cluster.accelerator_type] = limits[cluster.accelerator_type] = cluster.procs_per_node
+        # A string: the API models would write an int quantity as 8.0.
+        requests[cluster.accelerator_type] = limits[cluster.accelerator_type] = str(cluster.procs_per_node)
     out = {}
     if requests:
         out["requests"] = requests
