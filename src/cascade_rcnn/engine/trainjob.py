@@ -398,16 +398,41 @@ def failure_detail(client, name: str, tail: int = 25) -> str:
     for step in steps:
         if not step.name.startswith(NODE):
             continue
-        last: deque = deque(maxlen=tail)
+        lines_of_node: list[str] = []
         try:
             for chunk in client.get_job_logs(name, follow=False, step=step.name):
-                last.extend(chunk.splitlines())
+                lines_of_node.extend(chunk.splitlines())
         except Exception as e:
-            last.append(f"(log unavailable: {e})")
+            lines_of_node.append(f"(log unavailable: {e})")
+        errors = _exceptions(lines_of_node)
+        if errors:
+            lines.append(f"errors in {step.name}'s log:")
+            lines.extend(f"  {line}" for line in errors)
+        last: deque = deque(lines_of_node, maxlen=tail)
         if last:
             lines.append(f"last lines of {step.name}:")
             lines.extend(f"  {line}" for line in last)
     return "\n".join(lines)
+
+
+def _exceptions(lines: list[str], limit: int = 5) -> list[str]:
+    """The exception lines after each Python traceback in a log: a node's own error, which the elastic
+    agent's report would otherwise push out of the log's tail."""
+    found: list[str] = []
+    inside, taking = False, 0
+    for line in lines:
+        if line.startswith("Traceback (most recent call last)"):
+            inside, taking = True, 0
+        elif inside and line and not line[0].isspace():
+            inside, taking = False, limit
+        if taking and not inside:
+            if not line.strip() or line.startswith("["):
+                taking = 0
+                continue
+            if line not in found:
+                found.append(line)
+            taking -= 1
+    return found
 
 
 def _scheduled(tj) -> bool:
