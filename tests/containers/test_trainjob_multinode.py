@@ -291,3 +291,59 @@ def test_a_node_killed_mid_run_and_the_retry_resumes(client, cluster, data, s3_e
     assert 0 < iteration < 40
     assert record["checkpoint_uri"] == f"{output}/model_final.pth"
     assert not job_containers(docker_client, name)
+
+
+LAUNCHER = """
+import json, os, sys
+from kubeflow.trainer import TrainerClient
+from kubeflow.trainer.backends.container.types import ContainerBackendConfig, TrainingRuntimeSource
+from cascade_rcnn.engine.launch import TrainJob
+from cascade_rcnn.engine.trainjob import Cluster, run_trainjob
+
+args = json.loads(sys.argv[1])
+client = TrainerClient(backend_config=ContainerBackendConfig(
+    container_host=args["host"], container_runtime="docker", pull_policy="Never",
+    runtime_source=TrainingRuntimeSource(sources=[args["runtime"]])))
+run_trainjob(TrainJob(**args["job"]), Cluster(**args["cluster"]), client, run_key=args["job"]["output"])
+"""
+
+
+def test_a_stopped_launcher_deletes_its_job(cluster, data, s3_env, docker_client, tmp_path):
+    import dataclasses
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    shapes, weights = data
+    output = f"s3://{s3_env}/runs/stopped/train"
+    name = trainjob_name(output, "train")
+    job = TrainJob(
+        config=CONFIG_IN_IMAGE,
+        data=shapes,
+        output=output,
+        train_split="train2017",
+        init_weights=weights,
+        opts=[*DDP, "SOLVER.MAX_ITER", "1000"],
+    )
+    args = {
+        "host": os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
+        "runtime": str(RUNTIME),
+        "job": dataclasses.asdict(job),
+        "cluster": {**dataclasses.asdict(cluster), "tolerations": []},
+    }
+    log = tmp_path / "launcher.txt"
+    with open(log, "w") as f:
+        launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, json.dumps(args)], stdout=f, stderr=f)
+    try:
+        while len(job_containers(docker_client, name)) < 2 and launcher.poll() is None:
+            time.sleep(0.5)
+        assert launcher.poll() is None, log.read_text()[-3000:]
+        launcher.send_signal(signal.SIGTERM)  # what the kubelet sends when the step's pod goes
+        assert launcher.wait() != 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    text = log.read_text()
+    assert f"launcher stopped (signal {int(signal.SIGTERM)}); TrainJob {name} deleted" in text, text[-3000:]
+    assert not job_containers(docker_client, name)
