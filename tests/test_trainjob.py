@@ -313,3 +313,71 @@ def test_compiled_pipeline_has_nodes_and_launchers_on_the_cpu_image():
     assert "train-trainjob" in text and "finetune-trainjob" in text
     settings = json.loads(opts.trainjob_settings())
     assert Cluster.from_json(opts.trainjob_settings(), nodes=2).image == settings["image"] == opts.train_image
+
+
+# ---- waiting: the states a cluster reports (no cluster here, so a stand-in TrainerClient) ----
+
+
+class PendingCluster:
+    """What TrainerClient says about a TrainJob whose pods the scheduler cannot place: status
+    Created, node steps Pending, and the scheduler's events."""
+
+    backend = object()  # not the Kubernetes backend: no CR conditions to read
+
+    def __init__(self, fail_at=None, running_from=None):
+        self.status, self.node_status, self.polls = "Created", "Pending", 0
+        self.fail_at, self.running_from = fail_at, running_from
+
+    def get_job(self, name):
+        from kubeflow.trainer.types import types
+
+        self.polls += 1
+        if self.polls == self.running_from:
+            self.status, self.node_status = "Running", "Running"
+        if self.polls == self.fail_at:
+            self.status = "Failed"
+        steps = [
+            types.Step(name=f"node-{i}", status=self.node_status, pod_name=f"{name}-node-0-{i}")
+            for i in (0, 1)
+        ]
+        return types.TrainJob(
+            name=name, creation_timestamp=None, runtime=None, steps=steps, num_nodes=2, status=self.status
+        )
+
+    def get_job_events(self, name):
+        from kubeflow.trainer.types import types
+
+        message = "0/3 nodes are available: 3 Insufficient huawei.com/Ascend910."
+        return [types.Event("Pod", f"{name}-node-0-0", message, "FailedScheduling", None)]
+
+    def get_job_logs(self, name, follow=False, step="node-0"):
+        return iter(())
+
+
+def test_nodes_that_cannot_be_scheduled_fail_the_wait_with_the_schedulers_reason():
+    from cascade_rcnn.engine.trainjob import TrainJobError, wait
+
+    _, cluster, _ = two_node_job()
+    cluster = Cluster(**{**cluster.__dict__, "schedule_timeout_s": 60, "poll_s": 0})
+    now = iter(range(0, 10_000, 10))  # each poll 10 s later
+    client = PendingCluster()
+    with pytest.raises(TrainJobError) as failure:
+        wait(client, "cr-train-x", cluster, clock=lambda: next(now))
+    message = str(failure.value)
+    assert "2 node(s) not all scheduled after 60 s" in message
+    assert "FailedScheduling: 0/3 nodes are available: 3 Insufficient huawei.com/Ascend910." in message
+    assert "node-1 (cr-train-x-node-0-1): Pending" in message
+    assert client.polls == 7 + 1  # t = 10 .. 60 within the timeout, t = 70 past it; then the detail
+
+
+def test_running_nodes_are_never_timed_out_and_a_failed_job_fails_the_wait():
+    from cascade_rcnn.engine.trainjob import TrainJobError, wait
+
+    _, cluster, _ = two_node_job()
+    cluster = Cluster(**{**cluster.__dict__, "schedule_timeout_s": 60, "poll_s": 0})
+    # Pending for 3 polls (30 s), running for the next 17 (the clock would be far past 60 s), failed at 21.
+    client = PendingCluster(running_from=4, fail_at=21)
+    now = iter(range(0, 10_000, 10))
+    with pytest.raises(TrainJobError, match="TrainJob cr-train-x failed"):
+        wait(client, "cr-train-x", cluster, clock=lambda: next(now))
+    assert client.polls == 21 + 1  # and once more for the failure's detail
