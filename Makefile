@@ -37,7 +37,8 @@ demo: $(STAMP)
 	$(PY) -m pipelines run-local --pipeline retraining
 
 # The components in the cpu image through kfp.local's DockerRunner (podman serving the Docker API; root).
-# First run about 10-12 min (base image, image build); an unchanged tree about 35 s.
+# First run about 10-12 min (base image, image build); an unchanged tree about 35 s, plus the
+# multinode TrainJob tests (kubeflow SDK container backend: one container per node).
 test-containers: $(STAMP)
 	bash images/local/test-containers.sh $(PYTEST_ARGS)
 

@@ -1,7 +1,8 @@
 """Component `finetune`: fine-tune train's Model on new data with a fresh schedule
 (cascade_rcnn.engine.launch.run_training, as `cascade-rcnn finetune --weights ...`).
 
-Checkpoints go to `<root>/runs/<run id>/finetune/`; like train, a retry resumes from there.
+Checkpoints go to `<root>/runs/<run id>/finetune/`; like train, a retry resumes from there, and
+with nodes > 1 the step is a launcher of a TrainJob (see components/train.py).
 """
 
 from kfp import dsl
@@ -27,33 +28,50 @@ def finetune(
     config_opts: list,
     finetune_opts: list,
     model: Output[Model],
+    nodes: int = 1,
+    trainjob: str = "",
+    s3_secret: str = "",
 ):
     """Fine-tune `base_model`'s checkpoint on `data` (a COCO-layout root or a manifest URI; empty:
     the ingested dataset). When the new data has another number of classes, set
     MODEL.ROI_HEADS.NUM_CLASSES in `finetune_opts`: the class-specific layers are then re-initialised.
+    nodes, trainjob, s3_secret: as train's (nodes > 1: a TrainJob of that many nodes).
     """
     import json
 
     from cascade_rcnn import storage
     from cascade_rcnn.engine.launch import TrainJob, run_training
 
-    info = run_training(
-        TrainJob(
-            config=config,
-            data=data or dataset.metadata["manifest_uri"],
-            output=storage.join(root, "runs", run_id or job_id, "finetune"),
-            init_weights=base_model.metadata["checkpoint_uri"],
-            finetune=True,
-            iterations=iterations,
-            learning_rate=learning_rate,
-            batch_per_device=batch_per_device,
-            nproc_per_node=nproc_per_node,
-            accelerator=accelerator,
-            device=device,
-            amp=amp,
-            opts=[*config_opts, *finetune_opts],
-        )
+    job = TrainJob(
+        config=config,
+        data=data or dataset.metadata["manifest_uri"],
+        output=storage.join(root, "runs", run_id or job_id, "finetune"),
+        init_weights=base_model.metadata["checkpoint_uri"],
+        finetune=True,
+        iterations=iterations,
+        learning_rate=learning_rate,
+        batch_per_device=batch_per_device,
+        nproc_per_node=nproc_per_node,
+        accelerator=accelerator,
+        device=device,
+        amp=amp,
+        opts=[*config_opts, *finetune_opts],
     )
+    if nodes > 1:
+        from cascade_rcnn.engine.trainjob import Cluster, run_trainjob, trainer_client
+
+        cluster = Cluster.from_json(
+            trainjob,
+            nodes=nodes,
+            accelerator_type=accelerator,
+            procs_per_node=nproc_per_node,
+            s3_secret=s3_secret,
+        )
+        info = run_trainjob(
+            job, cluster, trainer_client(cluster.namespace), run_key=job.output, step="finetune"
+        )
+    else:
+        info = run_training(job)
     model.metadata.update(info)
     with open(model.path, "w") as f:
         json.dump(info, f, indent=1)

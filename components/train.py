@@ -1,5 +1,7 @@
 """Component `train`: Cascade Mask R-CNN training, one process per accelerator
-(cascade_rcnn.engine.launch.run_training, as `cascade-rcnn train --nproc-per-node N`).
+(cascade_rcnn.engine.launch.run_training, as `cascade-rcnn train --nproc-per-node N`). With
+nodes > 1 the step is a launcher instead: it runs the same training as a Kubeflow Trainer TrainJob of
+`nodes` nodes (cascade_rcnn.engine.trainjob.run_trainjob) and waits for it.
 
 Checkpoints go to `<root>/runs/<run id>/train/`, the same prefix on every retry of the step, so a
 retried pod resumes from the prefix's `last_checkpoint` instead of starting over.
@@ -26,6 +28,9 @@ def train(
     amp: bool,
     config_opts: list,
     model: Output[Model],
+    nodes: int = 1,
+    trainjob: str = "",
+    s3_secret: str = "",
 ):
     """Train `config` on the dataset's manifest from `weights`' checkpoint.
 
@@ -34,28 +39,43 @@ def train(
     run_id: names the output prefix; empty uses job_id (the KFP run's id, stable across retries).
     The LR steps sit at 2/3 and 8/9 of `iterations`, where detectron2's 1x and the 8-NPU reference
     recipe put them; `config_opts` ("KEY", "VALUE", ... pairs) come last and override anything.
+    nodes: 1 trains in this pod; more creates a TrainJob of that many nodes with nproc_per_node
+    workers and `accelerator` devices each, from `trainjob` (the compiled Cluster settings: image,
+    runtime, resources, placement) and the Secret `s3_secret`; a retry deletes a TrainJob left over
+    by the previous attempt and resumes from the output's last checkpoint.
     """
     import json
 
     from cascade_rcnn import storage
     from cascade_rcnn.engine.launch import TrainJob, run_training
 
-    info = run_training(
-        TrainJob(
-            config=config,
-            data=dataset.metadata["manifest_uri"],
-            output=storage.join(root, "runs", run_id or job_id, "train"),
-            init_weights=weights.metadata["checkpoint_uri"],
-            iterations=iterations,
-            learning_rate=learning_rate,
-            batch_per_device=batch_per_device,
-            nproc_per_node=nproc_per_node,
-            accelerator=accelerator,
-            device=device,
-            amp=amp,
-            opts=config_opts,
-        )
+    job = TrainJob(
+        config=config,
+        data=dataset.metadata["manifest_uri"],
+        output=storage.join(root, "runs", run_id or job_id, "train"),
+        init_weights=weights.metadata["checkpoint_uri"],
+        iterations=iterations,
+        learning_rate=learning_rate,
+        batch_per_device=batch_per_device,
+        nproc_per_node=nproc_per_node,
+        accelerator=accelerator,
+        device=device,
+        amp=amp,
+        opts=config_opts,
     )
+    if nodes > 1:
+        from cascade_rcnn.engine.trainjob import Cluster, run_trainjob, trainer_client
+
+        cluster = Cluster.from_json(
+            trainjob,
+            nodes=nodes,
+            accelerator_type=accelerator,
+            procs_per_node=nproc_per_node,
+            s3_secret=s3_secret,
+        )
+        info = run_trainjob(job, cluster, trainer_client(cluster.namespace), run_key=job.output, step="train")
+    else:
+        info = run_training(job)
     model.metadata.update(info)
     with open(model.path, "w") as f:
         json.dump(info, f, indent=1)

@@ -137,6 +137,11 @@ def check_params(params: Mapping[str, Any], inputs: Mapping[str, dict]) -> dict[
             isinstance(n, int) and valid_accelerator_count(n),
             f"accelerator_count={n!r} is not a valid NPU group: use 1, 2, 4, 8 or a multiple of 8",
         )
+    if "nodes" in merged:
+        check(
+            isinstance(merged["nodes"], int) and merged["nodes"] >= 1,
+            f"nodes={merged['nodes']!r} must be at least 1 (more than 1 runs training as a Kubeflow Trainer TrainJob)",
+        )
     for name in ("iterations", "finetune_iterations", "warm_start_iterations", "batch_per_device"):
         if name in merged:
             check(merged[name] >= 1, f"{name}={merged[name]!r} must be at least 1")

@@ -13,8 +13,15 @@ Two kinds of settings:
 
 The accelerator type and count are run parameters: kfp >= 2.10 compiles them as placeholders that
 the KFP backend (2.4 and later) resolves when it creates the pod.
+
+`nodes` (run parameter, default 1) picks one of two tasks per training step: nodes == 1 trains in
+the step's pod on the accelerator image, as always; nodes > 1 runs the same component on the CPU
+image as a launcher of a Kubeflow Trainer TrainJob (cascade_rcnn.engine.trainjob) of `nodes` nodes
+with the accelerator image, the accelerators, CPU/memory, S3 Secret, /dev/shm and placement below
+(`CompileOptions.trainjob_settings`). Evaluate and finetune take whichever ran (dsl.OneOf).
 """
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,6 +35,8 @@ COMPILED = Path(__file__).resolve().parent / "compiled" / "cascade_mask_rcnn_tra
 DEFAULT_CONFIG = "configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml"
 DEFAULT_WEIGHTS = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 STEP_NAMES = ("ingest-coco", "fetch-weights", "train", "evaluate", "finetune")
+# With nodes > 1 these run instead of train and finetune (TrainJob launchers).
+LAUNCHER_STEPS = {"train": "train-trainjob", "finetune": "finetune-trainjob"}
 # Environment variables the steps read from the S3 Secret. The credentials must be in it; endpoint
 # and region may be left out (then boto3's defaults, i.e. AWS itself, apply).
 REQUIRED_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -66,6 +75,13 @@ class CompileOptions:
     secret_keys: dict[str, str] = field(
         default_factory=lambda: {k: k for k in (*REQUIRED_SECRET_ENV, *OPTIONAL_SECRET_ENV)}
     )
+    # nodes > 1: the Trainer runtime (manifests/trainer/), how long the nodes may wait to be
+    # scheduled before the step fails, and the launcher pod's own (CPU) resources.
+    trainjob_runtime: str = "cascade-rcnn-torch"
+    trainjob_schedule_timeout_s: int = 3600
+    launcher_cpu_request: str = "500m"
+    launcher_memory_request: str = "2Gi"
+    launcher_memory_limit: str = "4Gi"
 
     def image(self, target: str) -> str:
         return f"{self.registry.rstrip('/')}/cascade-rcnn-{target}:{self.tag}"
@@ -77,6 +93,26 @@ class CompileOptions:
     @property
     def train_image(self) -> str:
         return self.image(self.accelerator_image if self.accelerator else "cpu")
+
+    def trainjob_settings(self) -> str:
+        """The launcher's cascade_rcnn.engine.trainjob.Cluster fields fixed at compile time (JSON)."""
+        settings = {
+            "image": self.train_image,
+            "runtime": self.trainjob_runtime,
+            "cpu_request": self.cpu_request,
+            "memory_request": self.memory_request,
+            "memory_limit": self.memory_limit,
+            "secret_env": {e: self.secret_keys[e] for e in REQUIRED_SECRET_ENV if e in self.secret_keys},
+            "optional_secret_env": {
+                e: self.secret_keys[e] for e in OPTIONAL_SECRET_ENV if e in self.secret_keys
+            },
+            "shm_size": self.shm_size,
+            "schedule_timeout_s": self.trainjob_schedule_timeout_s,
+        }
+        if self.accelerator:
+            settings["node_selector"] = dict(self.node_selector)
+            settings["tolerations"] = list(self.tolerations)
+        return json.dumps(settings, sort_keys=True)
 
 
 def _with_s3_secret(task: dsl.PipelineTask, secret: Any, opts: CompileOptions):
@@ -102,6 +138,20 @@ def _on_accelerators(task: dsl.PipelineTask, accelerator_type, accelerator_count
     kubernetes.empty_dir_mount(
         task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=opts.shm_size
     )
+    _timeout_and_retries(task, opts)
+    return task
+
+
+def _as_launcher(task: dsl.PipelineTask, opts: CompileOptions):
+    """A nodes > 1 training step: the TrainJob's launcher, on the CPU image with CPU resources only,
+    with the training step's timeout and retries (a retry deletes the leftover job and resumes)."""
+    task.set_cpu_request(opts.launcher_cpu_request)
+    task.set_memory_request(opts.launcher_memory_request).set_memory_limit(opts.launcher_memory_limit)
+    _timeout_and_retries(task, opts)
+    return task
+
+
+def _timeout_and_retries(task: dsl.PipelineTask, opts: CompileOptions):
     kubernetes.set_timeout(task, opts.train_timeout_s)
     if opts.train_retries > 0:
         # A retry resumes from the output prefix's last checkpoint (the prefix is the run's, not the pod's).
@@ -114,6 +164,45 @@ def _on_accelerators(task: dsl.PipelineTask, accelerator_type, accelerator_count
     return task
 
 
+def _local_one_of_artifacts() -> None:
+    """kfp.local (2.17) resolves a dsl.OneOf of parameters but refuses one of artifacts (the trained
+    Model here). Teach it the same rule: the one branch that produced the artifact. The KFP backend
+    needs none of this."""
+    from kfp.local.orchestrator import orchestrator_utils
+
+    utils = orchestrator_utils.OrchestratorUtils
+    if getattr(utils, "_cascade_rcnn_one_of", False):
+        return
+
+    def get_dag_output_artifacts(cls, dag_outputs_spec, io_store):
+        outputs = {}
+        for key, selector_spec in dag_outputs_spec.artifacts.items():
+            found = []
+            for selector in selector_spec.artifact_selectors:
+                try:
+                    found.append(
+                        io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key)
+                    )
+                except ValueError:  # a branch that did not run
+                    pass
+            if len(found) != 1:
+                raise ValueError(f"dsl.OneOf output {key!r}: {len(found)} branches produced it, expected 1")
+            outputs[key] = found[0]
+        return outputs
+
+    utils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
+    utils._cascade_rcnn_one_of = True
+
+
+_local_one_of_artifacts()
+
+
+def _renamed(component, name: str):
+    component.component_spec.name = name
+    component.name = name
+    return component
+
+
 def build_pipeline(opts: Optional[CompileOptions] = None):
     """The pipeline function (a kfp GraphComponent) for these compile options."""
     opts = opts or CompileOptions()
@@ -122,6 +211,10 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
     train_op = train.build(opts.train_image)
     evaluate_op = evaluate.build(opts.cpu_image)
     finetune_op = finetune.build(opts.train_image)
+    # nodes > 1: the same components as TrainJob launchers on the CPU image, under their own names.
+    train_launcher_op = _renamed(train.build(opts.cpu_image), LAUNCHER_STEPS["train"])
+    finetune_launcher_op = _renamed(finetune.build(opts.cpu_image), LAUNCHER_STEPS["finetune"])
+    trainjob = opts.trainjob_settings()
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -144,6 +237,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         batch_per_device: int = 16,
         accelerator_type: str = "huawei.com/Ascend910",
         accelerator_count: int = 8,
+        nodes: int = 1,
         device: str = "auto",
         amp: bool = True,
         eval_split: str = "val2017",
@@ -157,7 +251,9 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         s3_secret: str = "cascade-rcnn-s3",
     ):
         """root: s3://bucket/prefix for data sets, weights and runs (`<root>/runs/<run id>/`).
-        run_id: empty uses the KFP run's id; reuse an id to resume a run's training in a new run."""
+        run_id: empty uses the KFP run's id; reuse an id to resume a run's training in a new run.
+        nodes: training nodes of accelerator_count accelerators each; more than 1 runs train and
+        finetune as Kubeflow Trainer TrainJobs (docs/cluster.md)."""
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
         ingest_task = ingest_op(
@@ -179,7 +275,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         run_inputs = dict(
             dataset=ingest_task.outputs["dataset"], config=config, root=root, run_id=run_id, job_id=job_id
         )
-        train_task = train_op(
+        train_args = dict(
             **run_inputs,
             weights=weights_task.outputs["model"],
             iterations=iterations,
@@ -192,13 +288,22 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
             device=device,
             amp=amp,
             config_opts=config_opts,
-        ).set_display_name("train")
-        _on_accelerators(train_task, accelerator_type, accelerator_count, opts)
-        _with_s3_secret(train_task, s3_secret, opts)
+        )
+        with dsl.If(nodes == 1, name="train-in-pod"):
+            train_task = train_op(**train_args).set_display_name("train")
+            _on_accelerators(train_task, accelerator_type, accelerator_count, opts)
+            _with_s3_secret(train_task, s3_secret, opts)
+        with dsl.Else(name="train-on-nodes"):
+            launcher_task = train_launcher_op(
+                **train_args, nodes=nodes, trainjob=trainjob, s3_secret=s3_secret
+            ).set_display_name("train (TrainJob)")
+            _as_launcher(launcher_task, opts)
+            _with_s3_secret(launcher_task, s3_secret, opts)
+        trained = dsl.OneOf(launcher_task.outputs["model"], train_task.outputs["model"])
 
         eval_task = evaluate_op(
             **run_inputs,
-            model=train_task.outputs["model"],
+            model=trained,
             split=eval_split,
             max_images=eval_max_images,
             device=device,
@@ -210,9 +315,9 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         _with_s3_secret(eval_task, s3_secret, opts)
 
         with dsl.If(finetune == True, name="finetune-enabled"):  # noqa: E712 (builds a kfp condition)
-            finetune_task = finetune_op(
+            finetune_args = dict(
                 **run_inputs,
-                base_model=train_task.outputs["model"],
+                base_model=trained,
                 data=finetune_data,
                 iterations=finetune_iterations,
                 learning_rate=finetune_learning_rate,
@@ -225,11 +330,20 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
                 amp=amp,
                 config_opts=config_opts,
                 finetune_opts=finetune_opts,
-            ).set_display_name("finetune")
-            # Fine-tune once the trained model has been evaluated, so the steps read in order.
-            finetune_task.after(eval_task)
-            _on_accelerators(finetune_task, accelerator_type, accelerator_count, opts)
-            _with_s3_secret(finetune_task, s3_secret, opts)
+            )
+            with dsl.If(nodes == 1, name="finetune-in-pod"):
+                finetune_task = finetune_op(**finetune_args).set_display_name("finetune")
+                finetune_task.after(eval_task)
+                _on_accelerators(finetune_task, accelerator_type, accelerator_count, opts)
+                _with_s3_secret(finetune_task, s3_secret, opts)
+            with dsl.Else(name="finetune-on-nodes"):
+                ft_launcher_task = finetune_launcher_op(
+                    **finetune_args, nodes=nodes, trainjob=trainjob, s3_secret=s3_secret
+                ).set_display_name("finetune (TrainJob)")
+                # Fine-tune once the trained model has been evaluated, so the steps read in order.
+                ft_launcher_task.after(eval_task)
+                _as_launcher(ft_launcher_task, opts)
+                _with_s3_secret(ft_launcher_task, s3_secret, opts)
 
     return cascade_mask_rcnn_training
 

@@ -341,4 +341,6 @@ def test_submit_without_cache_turns_it_off_in_every_task():
         rc = cli_main(["submit", "--endpoint", api.url, "--package", str(COMPILED), "--no-cache", *GOOD])
     assert rc == 0
     flags = _tasks_caching(api.posted("/apis/v2beta1/runs")["pipeline_spec"]["pipeline_spec"])
-    assert len(flags) == 6 and not any(flags)  # five steps and the finetune condition
+    # The five steps, the two TrainJob launchers (nodes > 1), the finetune condition, and the
+    # nodes == 1 / nodes > 1 branches of train and finetune (three condition tasks each).
+    assert len(flags) == 14 and not any(flags)

@@ -11,7 +11,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 from pipelines.cli import main as cli_main  # noqa: E402
-from pipelines.training import COMPILED, STEP_NAMES, CompileOptions, compile_pipeline  # noqa: E402
+from pipelines.training import COMPILED, LAUNCHER_STEPS, STEP_NAMES, CompileOptions, compile_pipeline  # noqa: E402
 
 
 def _without_sdk_version(text: str) -> str:
@@ -35,15 +35,19 @@ def _all_tasks(spec: dict) -> dict[str, dict]:
     """Every task of the root DAG and of the sub-DAGs it contains, by task name."""
     tasks: dict[str, dict] = {}
 
-    def walk(dag: dict, parents: list[str]) -> None:
+    def walk(dag: dict, parents: list[str], containers: list[str]) -> None:
         for name, task in dag["tasks"].items():
-            task = {**task, "_after": set(task.get("dependentTasks", [])) | set(parents)}
+            task = {
+                **task,
+                "_after": set(task.get("dependentTasks", [])) | set(parents),
+                "_in": set(containers),
+            }
             tasks[name] = task
             comp = spec["components"][task["componentRef"]["name"]]
             if "dag" in comp:
-                walk(comp["dag"], [*parents, *task.get("dependentTasks", []), name])
+                walk(comp["dag"], [*parents, *task.get("dependentTasks", []), name], [*containers, name])
 
-    walk(spec["root"]["dag"], [])
+    walk(spec["root"]["dag"], [], [])
     return tasks
 
 
@@ -57,7 +61,9 @@ def test_checked_in_yaml_is_what_the_code_compiles(compiled):
 def test_five_steps_in_order(compiled):
     spec, _ = _docs(compiled)
     tasks = _all_tasks(spec)
-    steps = {n: t for n, t in tasks.items() if not n.startswith("condition-")}
+    steps = {
+        n: t for n, t in tasks.items() if not n.startswith("condition-") and n not in LAUNCHER_STEPS.values()
+    }
     assert sorted(steps) == sorted(STEP_NAMES)
     # Each step runs after every step before it (directly or through the condition's DAG).
     for i, name in enumerate(STEP_NAMES):
@@ -69,10 +75,12 @@ def test_five_steps_in_order(compiled):
                 if dep not in ancestors:
                     ancestors.add(dep)
                     frontier.append(dep)
+        # Waiting for a condition's DAG is waiting for every task in it (train in its nodes branch).
+        ancestors |= {n for n, t in tasks.items() if t["_in"] & ancestors and n != name}
         assert set(STEP_NAMES[:i]) <= ancestors, f"{name} does not wait for {set(STEP_NAMES[:i]) - ancestors}"
         assert not ancestors & set(STEP_NAMES[i:]), f"{name} waits for a later step"
     # finetune only when the switch is on.
-    condition = tasks["condition-1"]
+    condition = next(t for n, t in tasks.items() if "finetune'] == true" in str(t.get("triggerPolicy")))
     assert "finetune" in condition["triggerPolicy"]["condition"]
     assert spec["root"]["inputDefinitions"]["parameters"]["finetune"]["defaultValue"] is False
 
@@ -120,9 +128,11 @@ def test_train_requests_the_accelerator_and_runs_one_process_per_device(compiled
     train = tasks["train"]
     # The resource placeholders and the trainer's process count come from the same run parameter.
     assert train["inputs"]["parameters"]["pipelinechannel--accelerator_count"] == {
-        "componentInputParameter": "accelerator_count"
+        "componentInputParameter": "pipelinechannel--accelerator_count"
     }
-    assert train["inputs"]["parameters"]["nproc_per_node"] == {"componentInputParameter": "accelerator_count"}
+    assert train["inputs"]["parameters"]["nproc_per_node"] == {
+        "componentInputParameter": "pipelinechannel--accelerator_count"
+    }
     assert tasks["finetune"]["inputs"]["parameters"]["nproc_per_node"] == {
         "componentInputParameter": "pipelinechannel--accelerator_count"
     }
@@ -147,14 +157,16 @@ def test_credentials_only_by_secret_reference(tmp_path, monkeypatch):
     spec, platform = _docs(path)
     for executor in spec["deploymentSpec"]["executors"].values():
         assert not [e for e in executor["container"].get("env", []) if e["name"].startswith("AWS_")]
-    for step in STEP_NAMES:
+    for step in (*STEP_NAMES, *LAUNCHER_STEPS.values()):
         from_secret = platform["executors"][f"exec-{step}"]["secretAsEnv"]
         required = next(s for s in from_secret if not s["optional"])
         assert {m["envVar"] for m in required["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
         # The Secret's name is the run parameter s3_secret, not a constant.
         assert required["secretNameParameter"]["componentInputParameter"].endswith("s3_secret")
-    # Outside the Secret references, the variable names occur nowhere (no literal env values).
-    assert text.count("AWS_SECRET_ACCESS_KEY") == 2 * len(STEP_NAMES)
+    # Outside the Secret references (and the launchers' settings, which map the variable to its key in
+    # the Secret for the TrainJob's nodes), the variable names occur nowhere (no literal env values).
+    launchers = len(LAUNCHER_STEPS)
+    assert text.count("AWS_SECRET_ACCESS_KEY") == 2 * (len(STEP_NAMES) + launchers) + 2 * launchers
 
 
 def test_reloads_with_kfps_loader():
@@ -186,6 +198,9 @@ def test_compile_options_reach_the_yaml(tmp_path):
         "exec-evaluate": "registry.example.com/ml/cascade-rcnn-cpu:2.0.1",
         "exec-train": "registry.example.com/ml/cascade-rcnn-ascend:2.0.1",
         "exec-finetune": "registry.example.com/ml/cascade-rcnn-ascend:2.0.1",
+        # nodes > 1: the launchers on the CPU image
+        "exec-train-trainjob": "registry.example.com/ml/cascade-rcnn-cpu:2.0.1",
+        "exec-finetune-trainjob": "registry.example.com/ml/cascade-rcnn-cpu:2.0.1",
     }
     train = platform["executors"]["exec-train"]
     assert train["nodeSelector"]["labels"] == {"accelerator-type": "module-910b-8"}

@@ -5,7 +5,10 @@
 #      none answers and stopped at the end;
 #   2. base:   localhost/bookworm-py311 from Debian packages (make-base.sh), skipped when cached;
 #   3. build:  images/cpu on that base (build-cpu.sh), layers cached;
-#   4. tests:  pytest -m containers tests/containers, DOCKER_HOST pointing at the engine.
+#   4. node:   the cpu image as TrainJob node of the kubeflow SDK's container backend
+#              (build-trainer-node.sh, one layer);
+#   5. tests:  pytest -m containers tests/containers (the multinode TrainJob tests among them),
+#              DOCKER_HOST pointing at the engine.
 #
 # Usage: test-containers.sh [PYTEST ARGS...]
 # Environment: IMAGE (default localhost/cascade-rcnn-cpu:local), BASE_IMAGE, ENGINE_DIR, PYTHON.
@@ -52,5 +55,7 @@ started=0
 step engine prepare_engine
 step base "$here/make-base.sh" "${BASE_IMAGE:-localhost/bookworm-py311}"
 step build "$here/build-cpu.sh" "$image"
+step node "$here/build-trainer-node.sh" "$image" "$image-node"
 cd "$root"
-step tests env CASCADE_RCNN_TEST_IMAGE="$image" "$python" -m pytest -m containers tests/containers "$@"
+step tests env CASCADE_RCNN_TEST_IMAGE="$image" CASCADE_RCNN_TEST_NODE_IMAGE="$image-node" \
+    "$python" -m pytest -m containers tests/containers "$@"

