@@ -22,13 +22,14 @@ from typing import Optional, Union
 
 from kfp import compiler, dsl, kubernetes
 
-from components import check_new_data, evaluate, fetch_weights, finetune, ingest_coco, promote, train
+from components import check_new_data, evaluate, fetch_weights, ingest_coco, promote
 from pipelines.training import (
     DEFAULT_CONFIG,
     DEFAULT_WEIGHTS,
     CompileOptions,
-    _on_accelerators,
     _with_s3_secret,
+    training_ops,
+    training_step,
 )
 
 PIPELINE_NAME = "cascade-mask-rcnn-retraining"
@@ -42,8 +43,8 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
     ingest_op = ingest_coco.build(opts.cpu_image)
     check_op = check_new_data.build(opts.cpu_image)
     weights_op = fetch_weights.build(opts.cpu_image)
-    train_op = train.build(opts.train_image)
-    finetune_op = finetune.build(opts.train_image)
+    train_op, train_launcher_op, finetune_op, finetune_launcher_op = training_ops(opts)
+    trainjob = opts.trainjob_settings()
     evaluate_op = evaluate.build(opts.cpu_image)
     promote_op = promote.build(opts.cpu_image)
 
@@ -77,6 +78,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         batch_per_device: int = 16,
         accelerator_type: str = "huawei.com/Ascend910",
         accelerator_count: int = 8,
+        nodes: int = 1,
         device: str = "auto",
         amp: bool = True,
         eval_max_images: int = 0,
@@ -85,7 +87,8 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
     ):
         """root: s3://bucket/prefix of data sets, weights, runs and the model registry.
         force: train even when the data did not change. metric: TASK/NAME of the promotion rule
-        (segm/AP, bbox/AP, bbox/AP50, ...); min_improvement in AP points."""
+        (segm/AP, bbox/AP, bbox/AP50, ...); min_improvement in AP points. nodes: training nodes of
+        accelerator_count accelerators each; more than 1 trains as a Kubeflow Trainer TrainJob."""
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         ingest_task = ingest_op(
             source=data_source,
@@ -118,6 +121,15 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
             device=device,
             amp=amp,
             config_opts=config_opts,
+        )
+
+        placement = dict(
+            nodes=nodes,
+            trainjob=trainjob,
+            s3_secret=s3_secret,
+            accelerator_type=accelerator_type,
+            accelerator_count=accelerator_count,
+            opts=opts,
         )
 
         def evaluate_and_promote(model):
@@ -157,7 +169,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
 
         plan = check_task.outputs["Output"]
         with dsl.If(plan == "warm-start", name="warm-start"):
-            warm_task = finetune_op(
+            warm_args = dict(
                 **run_inputs,
                 **shared,
                 base_model=check_task.outputs["champion"],
@@ -165,24 +177,24 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
                 iterations=warm_start_iterations,
                 learning_rate=warm_start_learning_rate,
                 finetune_opts=[],
-            ).set_display_name("train challenger (warm start)")
-            _on_accelerators(warm_task, accelerator_type, accelerator_count, opts)
-            _with_s3_secret(warm_task, s3_secret, opts)
-            evaluate_and_promote(warm_task.outputs["model"])
+            )
+            warm = training_step(finetune_op, finetune_launcher_op, warm_args, "warm-start-finetune",
+                                 display_name="train challenger (warm start)", **placement)  # fmt: skip
+            evaluate_and_promote(warm)
         with dsl.Elif(plan == "from-pretrained", name="from-pretrained"):
             weights_task = weights_op(source=weights, sha256=weights_sha256, root=root)
             weights_task.set_display_name("fetch weights")
             _with_s3_secret(weights_task, s3_secret, opts)
-            cold_task = train_op(
+            cold_args = dict(
                 **run_inputs,
                 **shared,
                 weights=weights_task.outputs["model"],
                 iterations=iterations,
                 learning_rate=learning_rate,
-            ).set_display_name("train challenger")
-            _on_accelerators(cold_task, accelerator_type, accelerator_count, opts)
-            _with_s3_secret(cold_task, s3_secret, opts)
-            evaluate_and_promote(cold_task.outputs["model"])
+            )
+            cold = training_step(train_op, train_launcher_op, cold_args, "pretrained-train",
+                                 display_name="train challenger", **placement)  # fmt: skip
+            evaluate_and_promote(cold)
 
     return cascade_mask_rcnn_retraining
 

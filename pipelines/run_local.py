@@ -174,9 +174,40 @@ def write_seed_weights(path: Path, opts: list[str]) -> str:
     return storage.sha256_file(path)
 
 
+def _local_one_of_artifacts() -> None:
+    """kfp.local (2.17) resolves a dsl.OneOf of parameters but refuses one of artifacts (the trained
+    Model here). Teach it the same rule: the one branch that produced the artifact. The KFP backend
+    needs none of this."""
+    from kfp.local.orchestrator import orchestrator_utils
+
+    utils = orchestrator_utils.OrchestratorUtils
+    if getattr(utils, "_cascade_rcnn_one_of", False):
+        return
+
+    def get_dag_output_artifacts(cls, dag_outputs_spec, io_store):
+        outputs = {}
+        for key, selector_spec in dag_outputs_spec.artifacts.items():
+            found = []
+            for selector in selector_spec.artifact_selectors:
+                try:
+                    found.append(
+                        io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key)
+                    )
+                except ValueError:  # a branch that did not run
+                    pass
+            if len(found) != 1:
+                raise ValueError(f"dsl.OneOf output {key!r}: {len(found)} branches produced it, expected 1")
+            outputs[key] = found[0]
+        return outputs
+
+    utils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
+    utils._cascade_rcnn_one_of = True
+
+
 def _init_kfp_local(workdir: Path) -> None:
     import kfp.local
 
+    _local_one_of_artifacts()
     kfp.local.init(
         runner=kfp.local.SubprocessRunner(use_venv=False),
         pipeline_root=str(workdir / "kfp"),

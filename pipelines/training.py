@@ -164,43 +164,56 @@ def _timeout_and_retries(task: dsl.PipelineTask, opts: CompileOptions):
     return task
 
 
-def _local_one_of_artifacts() -> None:
-    """kfp.local (2.17) resolves a dsl.OneOf of parameters but refuses one of artifacts (the trained
-    Model here). Teach it the same rule: the one branch that produced the artifact. The KFP backend
-    needs none of this."""
-    from kfp.local.orchestrator import orchestrator_utils
-
-    utils = orchestrator_utils.OrchestratorUtils
-    if getattr(utils, "_cascade_rcnn_one_of", False):
-        return
-
-    def get_dag_output_artifacts(cls, dag_outputs_spec, io_store):
-        outputs = {}
-        for key, selector_spec in dag_outputs_spec.artifacts.items():
-            found = []
-            for selector in selector_spec.artifact_selectors:
-                try:
-                    found.append(
-                        io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key)
-                    )
-                except ValueError:  # a branch that did not run
-                    pass
-            if len(found) != 1:
-                raise ValueError(f"dsl.OneOf output {key!r}: {len(found)} branches produced it, expected 1")
-            outputs[key] = found[0]
-        return outputs
-
-    utils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
-    utils._cascade_rcnn_one_of = True
-
-
-_local_one_of_artifacts()
-
-
 def _renamed(component, name: str):
     component.component_spec.name = name
     component.name = name
     return component
+
+
+def training_ops(opts: CompileOptions) -> tuple:
+    """(train, train launcher, finetune, finetune launcher) components: for nodes > 1 the same
+    components run as TrainJob launchers on the CPU image, under their own names."""
+    return (
+        train.build(opts.train_image),
+        _renamed(train.build(opts.cpu_image), LAUNCHER_STEPS["train"]),
+        finetune.build(opts.train_image),
+        _renamed(finetune.build(opts.cpu_image), LAUNCHER_STEPS["finetune"]),
+    )
+
+
+def training_step(
+    op,
+    launcher_op,
+    args: dict,
+    name: str,
+    *,
+    nodes: Any,
+    trainjob: str,
+    s3_secret: Any,
+    accelerator_type: Any,
+    accelerator_count: Any,
+    opts: CompileOptions,
+    display_name: Optional[str] = None,
+    after: Optional[dsl.PipelineTask] = None,
+    one_of: bool = True,
+):
+    """A train or finetune step as both pipelines run it: in the step's pod when nodes == 1, else
+    launcher_op (the same component on the CPU image) runs it as a TrainJob of `nodes` nodes.
+    Returns the step's Model, whichever branch made it (dsl.OneOf), with one_of."""
+    display_name = display_name or name
+    with dsl.If(nodes == 1, name=f"{name}-in-pod"):
+        task = op(**args).set_display_name(display_name)
+        _on_accelerators(task, accelerator_type, accelerator_count, opts)
+        _with_s3_secret(task, s3_secret, opts)
+    with dsl.Else(name=f"{name}-on-nodes"):
+        launcher = launcher_op(**args, nodes=nodes, trainjob=trainjob, s3_secret=s3_secret)
+        launcher.set_display_name(f"{display_name} (TrainJob)")
+        _as_launcher(launcher, opts)
+        _with_s3_secret(launcher, s3_secret, opts)
+    if after is not None:
+        task.after(after)
+        launcher.after(after)
+    return dsl.OneOf(launcher.outputs["model"], task.outputs["model"]) if one_of else None
 
 
 def build_pipeline(opts: Optional[CompileOptions] = None):
@@ -208,12 +221,8 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
     opts = opts or CompileOptions()
     ingest_op = ingest_coco.build(opts.cpu_image)
     weights_op = fetch_weights.build(opts.cpu_image)
-    train_op = train.build(opts.train_image)
     evaluate_op = evaluate.build(opts.cpu_image)
-    finetune_op = finetune.build(opts.train_image)
-    # nodes > 1: the same components as TrainJob launchers on the CPU image, under their own names.
-    train_launcher_op = _renamed(train.build(opts.cpu_image), LAUNCHER_STEPS["train"])
-    finetune_launcher_op = _renamed(finetune.build(opts.cpu_image), LAUNCHER_STEPS["finetune"])
+    train_op, train_launcher_op, finetune_op, finetune_launcher_op = training_ops(opts)
     trainjob = opts.trainjob_settings()
 
     @dsl.pipeline(
@@ -289,17 +298,15 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
             amp=amp,
             config_opts=config_opts,
         )
-        with dsl.If(nodes == 1, name="train-in-pod"):
-            train_task = train_op(**train_args).set_display_name("train")
-            _on_accelerators(train_task, accelerator_type, accelerator_count, opts)
-            _with_s3_secret(train_task, s3_secret, opts)
-        with dsl.Else(name="train-on-nodes"):
-            launcher_task = train_launcher_op(
-                **train_args, nodes=nodes, trainjob=trainjob, s3_secret=s3_secret
-            ).set_display_name("train (TrainJob)")
-            _as_launcher(launcher_task, opts)
-            _with_s3_secret(launcher_task, s3_secret, opts)
-        trained = dsl.OneOf(launcher_task.outputs["model"], train_task.outputs["model"])
+        placement = dict(
+            nodes=nodes,
+            trainjob=trainjob,
+            s3_secret=s3_secret,
+            accelerator_type=accelerator_type,
+            accelerator_count=accelerator_count,
+            opts=opts,
+        )
+        trained = training_step(train_op, train_launcher_op, train_args, "train", **placement)
 
         eval_task = evaluate_op(
             **run_inputs,
@@ -331,19 +338,11 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
                 config_opts=config_opts,
                 finetune_opts=finetune_opts,
             )
-            with dsl.If(nodes == 1, name="finetune-in-pod"):
-                finetune_task = finetune_op(**finetune_args).set_display_name("finetune")
-                finetune_task.after(eval_task)
-                _on_accelerators(finetune_task, accelerator_type, accelerator_count, opts)
-                _with_s3_secret(finetune_task, s3_secret, opts)
-            with dsl.Else(name="finetune-on-nodes"):
-                ft_launcher_task = finetune_launcher_op(
-                    **finetune_args, nodes=nodes, trainjob=trainjob, s3_secret=s3_secret
-                ).set_display_name("finetune (TrainJob)")
-                # Fine-tune once the trained model has been evaluated, so the steps read in order.
-                ft_launcher_task.after(eval_task)
-                _as_launcher(ft_launcher_task, opts)
-                _with_s3_secret(ft_launcher_task, s3_secret, opts)
+            # Fine-tune once the trained model has been evaluated, so the steps read in order.
+            training_step(
+                finetune_op, finetune_launcher_op, finetune_args, "finetune", **placement,
+                after=eval_task, one_of=False,
+            )  # fmt: skip
 
     return cascade_mask_rcnn_training
 

@@ -35,22 +35,22 @@ def test_training_runs_only_after_the_data_check_and_only_on_its_plan(compiled):
     trainers = [
         n for n, t in tasks.items() if t["componentRef"]["name"].startswith(("comp-train", "comp-finetune"))
     ]
-    assert sorted(trainers) == ["finetune", "train"]
+    # In the step's pod (nodes == 1) or as a TrainJob launcher (nodes > 1), warm or from pretrained.
+    assert sorted(trainers) == ["finetune", "finetune-trainjob", "train", "train-trainjob"]
     for name in trainers:
         assert "check-new-data" in tasks[name]["_after"], name
     # Each training branch sits under a condition on the check's output, one per plan.
-    conditions = {
-        n: t["triggerPolicy"]["condition"]
-        for n, t in tasks.items()
-        if t.get("triggerPolicy", {}).get("condition")
-    }
-    assert len(conditions) == 2
-    assert all("check-new-data" in c for c in conditions.values())
-    assert any("'warm-start'" in c for c in conditions.values())
-    assert any("'from-pretrained'" in c for c in conditions.values())
-    # The check itself needs no accelerator; the trainers request one.
+    conditions = [
+        t["triggerPolicy"]["condition"] for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")
+    ]
+    on_plan = [c for c in conditions if "check-new-data" in c]
+    assert len(on_plan) == 2
+    assert any("'warm-start'" in c for c in on_plan) and any("'from-pretrained'" in c for c in on_plan)
+    assert sum("nodes" in c for c in conditions) == 4  # in-pod / on-nodes under each plan
+    # The check and the launchers need no accelerator; the in-pod trainers request one.
     executors = spec["deploymentSpec"]["executors"]
-    assert "accelerator" not in str(executors["exec-check-new-data"]["container"].get("resources", {}))
+    for name in ("exec-check-new-data", "exec-train-trainjob", "exec-finetune-trainjob"):
+        assert "accelerator" not in str(executors[name]["container"].get("resources", {})), name
     for name in ("exec-train", "exec-finetune"):
         assert "accelerator" in executors[name]["container"]["resources"], name
         assert "huawei.com/Ascend910" in str(platform["executors"][name]["tolerations"])
