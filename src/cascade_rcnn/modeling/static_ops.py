@@ -1,0 +1,51 @@
+"""The fixed-shape pooling and NMS static mode calls, on cascade_rcnn.modeling.ops when it has them."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, roi_align
+
+try:  # the device-portable versions (issue 12, part 4), once modeling/ops.py has them
+    _ops = importlib.import_module(f"{__package__}.ops")
+    _ops_batched_nms_fixed = _ops.batched_nms_fixed
+    _ops_multilevel_roi_align = _ops.multilevel_roi_align
+except (ImportError, AttributeError):
+    _ops_batched_nms_fixed = None
+    _ops_multilevel_roi_align = None
+
+
+def multilevel_roi_align(features, rois, levels, output_size, spatial_scales, sampling_ratio, aligned):
+    """(K, C, oh, ow): each RoI pooled on features[levels[k]]; no data-dependent shape."""
+    if _ops_multilevel_roi_align is not None:
+        return _ops_multilevel_roi_align(
+            features, rois, levels, output_size, spatial_scales, sampling_ratio, aligned
+        )
+    out = None
+    empty = rois.new_tensor([0.0, 0.0, 0.0, 0.0])
+    for level, (feat, scale) in enumerate(zip(features, spatial_scales)):
+        here = levels == level
+        # RoIs of other levels become empty boxes (no samples: next to no work) and are masked out.
+        r = torch.cat([rois[:, :1], torch.where(here[:, None], rois[:, 1:], empty)], dim=1)
+        pooled = roi_align(feat, r, output_size, scale, sampling_ratio, aligned)
+        pooled = torch.where(here[:, None, None, None], pooled, 0.0)
+        out = pooled if out is None else out + pooled
+    return out
+
+
+def batched_nms_fixed(
+    boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor, iou_threshold: float, max_out: int
+):
+    """(N, R, 4), (N, R), (N, R), (N, R) bool -> keep (N, max_out) int64, keep_valid (N, max_out)."""
+    if _ops_batched_nms_fixed is not None:
+        return _ops_batched_nms_fixed(boxes, scores, idxs, valid, iou_threshold, max_out)
+    keeps, valids = [], []
+    for b, s, i, v in zip(boxes, scores, idxs, valid):
+        rows = torch.nonzero(v, as_tuple=True)[0]
+        k = rows[batched_nms(b[rows], s[rows], i[rows], iou_threshold)][:max_out]
+        pad = max_out - k.numel()
+        keeps.append(torch.cat([k, k.new_zeros(pad)]))
+        valids.append(torch.arange(max_out, device=b.device) < k.numel())
+    return torch.stack(keeps), torch.stack(valids)
