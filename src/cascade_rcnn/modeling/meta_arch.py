@@ -146,6 +146,13 @@ class CascadeMaskRCNN(nn.Module):
         if self.static is not None:
             return self._static_inference(batched_inputs)
         images, sizes = self.preprocess(batched_inputs)
+        return self.detect(images, sizes, batched_inputs)
+
+    @torch.no_grad()
+    def detect(
+        self, images: Tensor, sizes: list[tuple[int, int]], batched_inputs: list[dict[str, Any]]
+    ) -> list[Detections]:
+        """Dynamic-mode inference on an already padded batch (static mode's tests feed its canvas)."""
         features = self.backbone(images)
         proposals, _ = self.proposal_generator(features, sizes, None)
         results = self.roi_heads.inference(features, proposals, sizes)
