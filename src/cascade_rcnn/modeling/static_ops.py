@@ -35,17 +35,35 @@ def multilevel_roi_align(features, rois, levels, output_size, spatial_scales, sa
     return out
 
 
-def batched_nms_fixed(
+@torch.library.custom_op("cascade_rcnn::batched_nms_padded", mutates_args=())
+def _batched_nms_padded(
     boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor, iou_threshold: float, max_out: int
-):
-    """(N, R, 4), (N, R), (N, R), (N, R) bool -> keep (N, max_out) int64, keep_valid (N, max_out)."""
-    if _ops_batched_nms_fixed is not None:
-        return _ops_batched_nms_fixed(boxes, scores, idxs, valid, iou_threshold, max_out)
+) -> tuple[Tensor, Tensor]:
+    """torchvision's batched_nms on each image's valid rows, padded to max_out. One opaque op with a
+    fixed output shape, so a compiled graph stays whole around it."""
     keeps, valids = [], []
     for b, s, i, v in zip(boxes, scores, idxs, valid):
         rows = torch.nonzero(v, as_tuple=True)[0]
         k = rows[batched_nms(b[rows], s[rows], i[rows], iou_threshold)][:max_out]
-        pad = max_out - k.numel()
-        keeps.append(torch.cat([k, k.new_zeros(pad)]))
+        keeps.append(torch.cat([k, k.new_zeros(max_out - k.numel())]))
         valids.append(torch.arange(max_out, device=b.device) < k.numel())
     return torch.stack(keeps), torch.stack(valids)
+
+
+@_batched_nms_padded.register_fake
+def _(boxes, scores, idxs, valid, iou_threshold, max_out):
+    n = boxes.shape[0]
+    return (
+        boxes.new_empty((n, max_out), dtype=torch.int64),
+        boxes.new_empty((n, max_out), dtype=torch.bool),
+    )
+
+
+def batched_nms_fixed(
+    boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor, iou_threshold: float, max_out: int
+) -> tuple[Tensor, Tensor]:
+    """(N, R, 4), (N, R), (N, R), (N, R) bool -> keep (N, max_out) int64 in descending score order,
+    keep_valid (N, max_out): the valid entries are torchvision's batched_nms of the valid rows."""
+    if _ops_batched_nms_fixed is not None:
+        return _ops_batched_nms_fixed(boxes, scores, idxs, valid, iou_threshold, max_out)
+    return _batched_nms_padded(boxes, scores, idxs, valid, float(iou_threshold), int(max_out))

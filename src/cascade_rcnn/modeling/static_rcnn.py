@@ -386,3 +386,34 @@ def unpad_detections(out: dict[str, Tensor], i: int) -> tuple[Tensor, Tensor, Te
         out["classes"][i][keep],
         None if masks is None else masks[i][keep],
     )
+
+
+def compile_train_losses(model, **compile_kwargs):
+    """train_losses as one torch.compile graph (fullgraph, static shapes): batch -> losses.
+
+    Polygon mask targets are rasterized on the host, so the compiled step needs bitmask targets
+    (INPUT.MASK_FORMAT bitmask) when the model has masks.
+    """
+
+    def step(images, image_sizes, gt_boxes, gt_classes, gt_valid, gt_masks):
+        return train_losses(model, StaticBatch(images, image_sizes, gt_boxes, gt_classes, gt_valid, gt_masks))
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, **compile_kwargs)
+
+    def run(batch: StaticBatch) -> dict[str, Tensor]:
+        if batch.gt_polygons is not None:
+            raise ValueError("the compiled static step needs bitmask targets: set INPUT.MASK_FORMAT bitmask")
+        return compiled(
+            batch.images, batch.image_sizes, batch.gt_boxes, batch.gt_classes, batch.gt_valid, batch.gt_masks
+        )
+
+    return run
+
+
+def compile_inference(model, **compile_kwargs):
+    """inference_padded as one torch.compile graph: (images, image_sizes) -> padded detections."""
+
+    def infer(images, image_sizes):
+        return inference_padded(model, images, image_sizes)
+
+    return torch.compile(infer, fullgraph=True, dynamic=False, **compile_kwargs)
