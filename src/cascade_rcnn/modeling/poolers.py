@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align as tv_roi_align
 
+from . import ops
+
 POOLER_TYPES = {"ROIAlignV2": True, "ROIAlign": False}  # name -> aligned (half-pixel offset)
 
 # torchvision's CPU roi_align forward runs on one core; below this many RoIs per thread, splitting
@@ -261,7 +263,7 @@ class ROIPooler(nn.Module):
             # fp16/bf16 box coordinates would be off by pixels.
             features = [f.float() for f in features]
         if len(self.scales) == 1:
-            out = roi_align(
+            out = ops.roi_align(
                 features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned
             )
             return out.to(dtype)
@@ -273,6 +275,6 @@ class ROIPooler(nn.Module):
             inds = torch.nonzero(levels == level, as_tuple=True)[0]
             if inds.numel() == 0:
                 continue
-            pooled = roi_align(feat, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)
+            pooled = ops.roi_align(feat, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)
             out.index_put_((inds,), pooled)
         return out.to(dtype)
