@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, roi_align
 
+from .poolers import roi_align as eager_roi_align
+
 try:  # the device-portable versions (issue 12, part 4), once modeling/ops.py has them
     _ops = importlib.import_module(f"{__package__}.ops")
     _ops_batched_nms_fixed = _ops.batched_nms_fixed
@@ -27,10 +29,15 @@ def multilevel_roi_align(features, rois, levels, output_size, spatial_scales, sa
     empty = rois.new_tensor([0.0, 0.0, 0.0, 0.0])
     for level, (feat, scale) in enumerate(zip(features, spatial_scales)):
         here = levels == level
-        # RoIs of other levels become empty boxes (no samples: next to no work) and are masked out.
+        # RoIs of other levels become empty boxes: next to no work, and (aligned) exactly zero output
+        # and gradient.
         r = torch.cat([rois[:, :1], torch.where(here[:, None], rois[:, 1:], empty)], dim=1)
-        pooled = roi_align(feat, r, output_size, scale, sampling_ratio, aligned)
-        pooled = torch.where(here[:, None, None, None], pooled, 0.0)
+        if torch.compiler.is_compiling():
+            pooled = roi_align(feat, r, output_size, scale, sampling_ratio, aligned)
+        else:  # eager: the dynamic path's kernel (threaded forward, faster CPU backward)
+            pooled = eager_roi_align(feat, r, output_size, scale, sampling_ratio, aligned)
+        if not aligned:  # an empty box still samples one pixel without the half-pixel offset
+            pooled = torch.where(here[:, None, None, None], pooled, 0.0)
         out = pooled if out is None else out + pooled
     return out
 
