@@ -107,16 +107,14 @@ def _needed_samples(rois: Tensor, scales: Tensor, output_size, sampling_ratio: i
     return torch.where((gh > 0) & (gw > 0), gh * gw, 0)
 
 
-def _pool_flat(flat, base, heights, widths, scales, rois, output_size, sampling_ratio, aligned, max_samples):
+def _pool_chunk(flat, base, heights, widths, scales, rois, output_size, sampling_ratio, aligned, s):
     """RoIAlign over channels-last rows `flat` (M, C); RoI k reads rows base[k] + y * widths[k] + x.
 
-    Each bin enumerates max_samples sample slots t -> (t // grid_w, t % grid_w); slots past
+    Each bin enumerates s sample slots t -> (t // grid_w, t % grid_w); slots past
     grid_h * grid_w get zero weight, so the result equals the kernel's adaptive grid.
     """
     ph, pw = output_size
     k, c = rois.shape[0], flat.shape[1]
-    dtype = flat.dtype
-    s = max_samples
     offset = 0.5 if aligned else 0.0
     x0 = rois[:, 1] * scales - offset
     y0 = rois[:, 2] * scales - offset
@@ -125,30 +123,43 @@ def _pool_flat(flat, base, heights, widths, scales, rois, output_size, sampling_
     if not aligned:
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
     gh, gw = _grids(roi_h, ph, sampling_ratio), _grids(roi_w, pw, sampling_ratio)
-    count = (gh * gw).clamp(min=1).to(dtype)
+    count = (gh * gw).clamp(min=1).to(flat.dtype)
     t = torch.arange(s, device=rois.device)[None, :]
     gw1 = gw.clamp(min=1)[:, None]
+    # A negative grid on both axes has a positive product but no samples.
     slot_ok = (t < (gh * gw)[:, None]) & (gh > 0)[:, None] & (gw > 0)[:, None]
     iy, ix = t // gw1, t % gw1
     ylo, yhi, wyl, wyh = _axis(y0, roi_h / ph, gh.clamp(min=1), iy, ph, heights, (k, ph, 1, s))
     xlo, xhi, wxl, wxh = _axis(x0, roi_w / pw, gw.clamp(min=1), ix, pw, widths, (k, 1, pw, s))
-    ok = slot_ok[:, None, None, :]
     b = base[:, None, None, None]
     wd = widths[:, None, None, None]
     index = torch.stack(
         [b + ylo * wd + xlo, b + ylo * wd + xhi, b + yhi * wd + xlo, b + yhi * wd + xhi], dim=-1
-    ).reshape(k, ph * pw, s * 4)
+    ).reshape(-1)
     weight = torch.stack([wyl * wxl, wyl * wxh, wyh * wxl, wyh * wxh], dim=-1)
-    weight = torch.where(ok[..., None], weight, 0.0).reshape(k, ph * pw, s * 4)
-    chunk = max(1, _GATHER_CHUNK_ELEMENTS // max(1, ph * pw * s * 4 * c))
-    outs = []
-    for start in range(0, k, chunk):
-        idx = index[start : start + chunk]
-        vals = flat[idx.reshape(-1)].view(idx.shape[0] * ph * pw, s * 4, c)
-        w = weight[start : start + chunk].reshape(-1, 1, s * 4)
-        outs.append(torch.bmm(w, vals).view(-1, ph, pw, c))
+    weight = torch.where(slot_ok[:, None, None, :, None], weight, 0.0)
+    vals = flat[index].view(k * ph * pw, s * 4, c)
+    out = torch.bmm(weight.reshape(k * ph * pw, 1, s * 4), vals).view(k, ph, pw, c)
+    return out / count[:, None, None, None]
+
+
+def _pool_flat(flat, base, heights, widths, scales, rois, output_size, sampling_ratio, aligned, s):
+    """_pool_chunk over runs of RoIs, so the gathered samples stay within a fixed budget."""
+    k, c = rois.shape[0], flat.shape[1]
+    chunk = max(1, _GATHER_CHUNK_ELEMENTS // max(1, output_size[0] * output_size[1] * s * 4 * max(c, 2)))
+    outs = [
+        _pool_chunk(
+            flat,
+            *(x[i : i + chunk] for x in (base, heights, widths, scales, rois)),
+            output_size,
+            sampling_ratio,
+            aligned,
+            s,
+        )
+        for i in range(0, k, chunk)
+    ]
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return (out / count[:, None, None, None]).permute(0, 3, 1, 2)
+    return out.permute(0, 3, 1, 2)
 
 
 def _resolve_samples(max_samples, rois, scales, output_size, sampling_ratio, aligned, map_bound: int) -> int:
