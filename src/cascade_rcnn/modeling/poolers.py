@@ -275,6 +275,8 @@ class ROIPooler(nn.Module):
             inds = torch.nonzero(levels == level, as_tuple=True)[0]
             if inds.numel() == 0:
                 continue
-            pooled = ops.roi_align(feat, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)
+            pooled = ops.roi_align(
+                feat, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned
+            )
             out.index_put_((inds,), pooled)
         return out.to(dtype)
