@@ -22,7 +22,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cascade_rcnn.modeling import ops  # noqa: E402
+from cascade_rcnn.modeling import ops, poolers  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -69,7 +69,7 @@ def main() -> None:
         "roi_align_fwd_bwd_tensor": pool(ops.roi_align_tensor),
     }
     if dev == "cpu":
-        cases["roi_align_fwd_bwd_poolers_cpu"] = pool(lambda *a: ops.roi_align(*a))
+        cases["roi_align_fwd_bwd_poolers_cpu"] = pool(poolers.roi_align)
     for n, (b, s) in nms_boxes.items():
         cases[f"nms_{n}_torchvision"] = lambda b=b, s=s: torchvision.ops.nms(b, s, 0.7)
         cases[f"nms_{n}_fixed"] = lambda b=b, s=s, n=n: ops.nms_fixed(b, s, None, 0.7, n)

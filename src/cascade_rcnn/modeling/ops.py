@@ -1,7 +1,8 @@
 """RoIAlign and NMS that run on every device, chosen per device type here and nowhere else.
 
-- cpu: torchvision's kernels (RoIAlign through poolers.roi_align, which threads the forward and
-  has a faster exact backward), so CPU results stay bit for bit what they were.
+- cpu: torchvision's kernels, so CPU results stay bit for bit what they were (ROIPooler wraps
+  them in poolers.roi_align, a threaded forward with a faster exact backward, and asks
+  select_impl before it does).
 - cuda: torchvision's CUDA kernels, unchanged.
 - npu and any other device: the tensor-op versions below. torch_npu registers no kernel for
   ``torchvision::roi_align`` / ``torchvision::nms``, so those would fail or fall back to the CPU.
@@ -301,10 +302,6 @@ def roi_align(
     output_size = _pair(output_size)
     if chosen == "tensor":
         return roi_align_tensor(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
-    if input.device.type == "cpu":
-        from .poolers import roi_align as cpu_roi_align  # poolers imports this module
-
-        return cpu_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
     from torchvision.ops import roi_align as tv_roi_align
 
     return tv_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)

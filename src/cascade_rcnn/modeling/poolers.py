@@ -9,7 +9,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align as tv_roi_align
 
 from . import ops
 
@@ -187,10 +186,10 @@ class _CPUROIAlign(torch.autograd.Function):
 def roi_align(
     feat: Tensor, rois: Tensor, output_size: tuple[int, int], scale: float, sampling_ratio: int, aligned: bool
 ) -> Tensor:
-    """torchvision.ops.roi_align; on CPU its forward spread over torch.get_num_threads() threads
-    and its backward computed by roi_align_backward_cpu."""
-    if feat.device.type != "cpu":
-        return tv_roi_align(feat, rois, output_size, scale, sampling_ratio, aligned)
+    """ops.roi_align; where that picks torchvision on CPU, its forward spread over
+    torch.get_num_threads() threads and its backward computed by roi_align_backward_cpu."""
+    if feat.device.type != "cpu" or ops.select_impl("cpu") != "torchvision":
+        return ops.roi_align(feat, rois, output_size, scale, sampling_ratio, aligned)
     workers = min(torch.get_num_threads(), rois.shape[0] // _MIN_ROIS_PER_THREAD)
     if torch.is_grad_enabled() and feat.requires_grad:
         return _CPUROIAlign.apply(feat, rois, output_size, scale, sampling_ratio, aligned, workers)
@@ -263,7 +262,7 @@ class ROIPooler(nn.Module):
             # fp16/bf16 box coordinates would be off by pixels.
             features = [f.float() for f in features]
         if len(self.scales) == 1:
-            out = ops.roi_align(
+            out = roi_align(
                 features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned
             )
             return out.to(dtype)
@@ -275,8 +274,6 @@ class ROIPooler(nn.Module):
             inds = torch.nonzero(levels == level, as_tuple=True)[0]
             if inds.numel() == 0:
                 continue
-            pooled = ops.roi_align(
-                feat, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned
-            )
+            pooled = roi_align(feat, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)
             out.index_put_((inds,), pooled)
         return out.to(dtype)
