@@ -1,28 +1,28 @@
-"""The fixed-shape pooling and NMS static mode calls, on cascade_rcnn.modeling.ops when it has them."""
+"""The fixed-shape pooling and NMS static mode calls, chosen per device as modeling/ops.py does.
+
+cpu and cuda keep torchvision's kernels (the dynamic path's, so eager static mode is as fast and
+bit-identical), wrapped to fixed output shapes; under torch.compile they stay single ops with fake
+kernels. Other devices (npu) get ops.py's pure tensor versions, which reach no torchvision op.
+"""
 
 from __future__ import annotations
-
-import importlib
 
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, roi_align
 
+from . import ops
 from .poolers import roi_align as eager_roi_align
 
-try:  # the device-portable versions (issue 12, part 4), once modeling/ops.py has them
-    _ops = importlib.import_module(f"{__package__}.ops")
-    _ops_batched_nms_fixed = _ops.batched_nms_fixed
-    _ops_multilevel_roi_align = _ops.multilevel_roi_align
-except (ImportError, AttributeError):
-    _ops_batched_nms_fixed = None
-    _ops_multilevel_roi_align = None
+
+def _torchvision(t: Tensor) -> bool:
+    return ops.select_impl(t.device.type) == "torchvision"
 
 
 def multilevel_roi_align(features, rois, levels, output_size, spatial_scales, sampling_ratio, aligned):
     """(K, C, oh, ow): each RoI pooled on features[levels[k]]; no data-dependent shape."""
-    if _ops_multilevel_roi_align is not None:
-        return _ops_multilevel_roi_align(
+    if not _torchvision(features[0]):
+        return ops.multilevel_roi_align(
             features, rois, levels, output_size, spatial_scales, sampling_ratio, aligned
         )
     out = None
@@ -71,6 +71,6 @@ def batched_nms_fixed(
 ) -> tuple[Tensor, Tensor]:
     """(N, R, 4), (N, R), (N, R), (N, R) bool -> keep (N, max_out) int64 in descending score order,
     keep_valid (N, max_out): the valid entries are torchvision's batched_nms of the valid rows."""
-    if _ops_batched_nms_fixed is not None:
-        return _ops_batched_nms_fixed(boxes, scores, idxs, valid, iou_threshold, max_out)
+    if not _torchvision(boxes):
+        return ops.batched_nms_fixed(boxes, scores, idxs, valid, iou_threshold, max_out)
     return _batched_nms_padded(boxes, scores, idxs, valid, float(iou_threshold), int(max_out))
