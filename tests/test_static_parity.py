@@ -84,3 +84,38 @@ def test_static_gradient_norms_match_detectron2_canvas448(step):
     )
     print("worst gradient norms (rel, name):", rows[:5])
     assert rows[0][0] <= GRAD_NORM_RTOL, rows[:5]
+
+
+@pytest.mark.slow
+def test_static_step_on_the_npu_path_matches_and_reaches_no_torchvision_op():
+    """ops.dispatch_as("npu") makes static mode pick what it picks on an NPU (ops.py's tensor
+    RoIAlign and NMS). Every op the step's forward and backward dispatch is recorded: all are aten
+    ops, none torchvision's, and the step still reproduces detectron2's canvas-448 numbers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cascade_rcnn.modeling import ops
+
+    train = shared_fixture("fixtures/d2_train_parity")
+    slim = shared_fixture("fixtures/d2_parity")
+    expected = json.loads((train / "expected_canvas448.json").read_text())
+    cfg = load_config(slim / "config.yaml", ["MODEL.DEVICE", "cpu", *expected["opts"], *STATIC_OPTS])
+    model = build_model(cfg)
+    load_into_model(model, load_weights(slim / "model_final.pkl"))
+    model.train()
+    namespaces: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            namespaces.add(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    with ops.dispatch_as("npu"), Record():
+        losses = model(fixture_inputs(train))
+        sum(losses.values()).backward()
+    assert namespaces == {"aten"}
+    for name, want in expected["losses"].items():
+        assert abs(losses[name].item() - want) <= max(LOSS_ATOL, LOSS_RTOL * abs(want)), name
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            want = expected["grads"][name]["norm"]
+            assert abs(p.grad.norm().item() - want) <= GRAD_NORM_RTOL * want, name
