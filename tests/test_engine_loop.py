@@ -152,3 +152,30 @@ def test_evaluation_hook_iterations_train_mode_and_rng(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "b" / METRICS_FILE).read_text().splitlines()]
     evals = [r for r in rows if "bbox/AP" in r]
     assert evals == [{"iteration": i, "bbox/AP": 50.0 + i, "bbox/APl": None} for i in (3, 7, 9)]
+
+
+def test_deferred_metrics_match_per_step_metrics(tmp_path):
+    """defer_metrics (static mode) reads the losses every log_period steps; the rows are the same."""
+    rows = {}
+    for defer in (False, True):
+        out = tmp_path / str(defer)
+        out.mkdir()
+        trainer = _trainer(out, Accelerator("cpu"))
+        trainer.defer_metrics = defer
+        trainer.train(0)
+        rows[defer] = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
+    drop = ("time", "data_time", "eta_seconds", "max_mem_mb", "img_per_s")  # timings
+    strip = [[{k: v for k, v in r.items() if k not in drop} for r in rows[d]] for d in (False, True)]
+    assert len(strip[0]) == 3 and strip[0] == strip[1]
+
+
+def test_deferred_metrics_raise_naming_the_first_non_finite_iteration(tmp_path):
+    model = Regressor()
+    trainer = _trainer(tmp_path, Accelerator("cpu"), model=model)
+    trainer.defer_metrics = True
+    assert trainer.run_step(0) is None and trainer.run_step(1) is None
+    model.poison = True
+    trainer.run_step(2)
+    trainer.run_step(3)
+    with pytest.raises(FloatingPointError, match=r"iteration 2: rank 0: loss_fit=nan"):
+        trainer.flush_metrics()

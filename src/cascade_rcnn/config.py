@@ -193,6 +193,10 @@ def _defaults() -> dict:
                 "CLS_AGNOSTIC_MASK": False,
                 "POOLER_TYPE": "ROIAlignV2",
             },
+            # ours: static-shape mode (modeling/static_rcnn.py). CANVAS lists the fixed (H, W) canvases;
+            # each batch goes onto the smallest that holds it. Ground truth is padded to the smallest
+            # GT_BUCKET_MIN * 2^k rows that hold every image's boxes (never cut).
+            "STATIC": {"ENABLED": False, "CANVAS": [], "GT_BUCKET_MIN": 16},
         },
         "INPUT": {
             "MIN_SIZE_TRAIN": (800,),

@@ -290,6 +290,7 @@ def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
         make_state=functools.partial(
             training_state, meta=meta, data_state=loader.state_dict, seed=seed, world_size=info.world_size
         ),
+        defer_metrics=bool(cfg.MODEL.STATIC.ENABLED),
     )
     if start_iter >= trainer.max_iter and resume_uri and resume_uri.endswith("/" + FINAL):
         log.info(

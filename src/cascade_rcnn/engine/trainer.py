@@ -14,7 +14,7 @@ from torch import nn
 
 from ..accel import Accelerator
 from .checkpointer import Checkpointer, capture_rng, periodic_name, restore_rng
-from .distributed import all_gather_objects, reduce_step_metrics, unwrap
+from .distributed import all_gather_objects, is_distributed, reduce_step_metrics, unwrap
 from .metrics import LOG_PERIOD, IterationRecord, MetricsWriter, MetricWindows
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,21 @@ class Trainer:
     evaluate: Callable[[nn.Module, int, bool], dict] | None = None
     log_period: int = LOG_PERIOD
     windows: MetricWindows = field(default_factory=MetricWindows)
+    # Static mode: losses stay on the device and are read (and checked) every log_period steps,
+    # before any checkpoint or evaluation, after backward(); no per-step host sync.
+    defer_metrics: bool = False
 
     def __post_init__(self) -> None:
         if self.scaler is None:
             self.scaler = self.accel.grad_scaler()
         self._lr_group = main_lr_group(self.optimizer)
+        self._pending: list[tuple[int, list[str], torch.Tensor, float, float, float]] = []
 
-    def run_step(self, iteration: int) -> IterationRecord:
-        """One iteration; raises FloatingPointError (on every rank) if any rank's loss is not finite."""
+    def run_step(self, iteration: int) -> IterationRecord | None:
+        """One iteration; raises FloatingPointError (on every rank) if any rank's loss is not finite.
+
+        With defer_metrics the losses are queued on the device and None is returned (see flush_metrics).
+        """
         start = time.perf_counter()
         batch = next(self.data)
         data_time = time.perf_counter() - start
@@ -71,6 +78,14 @@ class Trainer:
         with self.accel.autocast():
             loss_dict = self.model(batch)
         losses = sum(loss_dict.values())
+        if self.defer_metrics:
+            names = sorted(loss_dict)
+            values = torch.stack([loss_dict[k].detach().float().reshape(()) for k in names])
+            self._optimize(losses)
+            lr = self.optimizer.param_groups[self._lr_group]["lr"]
+            self.scheduler.step()
+            self._pending.append((iteration, names, values, lr, time.perf_counter() - start, data_time))
+            return None
 
         mean_losses, max_data_time, per_rank = reduce_step_metrics(loss_dict, data_time, self.accel.device)
         bad = [
@@ -85,6 +100,12 @@ class Trainer:
                 + f" (all losses: {per_rank})"
             )
 
+        self._optimize(losses)
+        lr = self.optimizer.param_groups[self._lr_group]["lr"]
+        self.scheduler.step()
+        return IterationRecord(iteration, mean_losses, lr, time.perf_counter() - start, max_data_time)
+
+    def _optimize(self, losses: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses).backward()
         if self.clip_grads is not None:
@@ -92,9 +113,46 @@ class Trainer:
             self.clip_grads(self.optimizer)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        lr = self.optimizer.param_groups[self._lr_group]["lr"]
-        self.scheduler.step()
-        return IterationRecord(iteration, mean_losses, lr, time.perf_counter() - start, max_data_time)
+
+    def flush_metrics(self) -> list[IterationRecord]:
+        """The queued iterations' records, reduced over ranks with one all_gather and one host read.
+
+        Raises FloatingPointError naming the first iteration whose loss is not finite on some rank.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        names = pending[0][1]
+        local = torch.stack([p[2] for p in pending])  # (k, num_losses), on the device
+        finite = torch.isfinite(local).all(dim=1, keepdim=True).to(local.dtype)
+        data = torch.tensor([[p[5]] for p in pending], dtype=local.dtype, device=local.device)
+        local = torch.cat([local, finite, data], dim=1).to(self.accel.device)
+        if is_distributed():
+            import torch.distributed as dist
+
+            gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, local)
+            table = torch.stack(gathered).cpu()
+        else:
+            table = local.unsqueeze(0).cpu()
+        records = []
+        for j, (iteration, _, _, lr, iter_time, _) in enumerate(pending):
+            if not bool(table[:, j, -2].all()):
+                per_rank = [dict(zip(names, row[:-2].tolist())) for row in table[:, j]]
+                bad = [
+                    f"rank {r}: "
+                    + ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if not math.isfinite(v))
+                    for r, d in enumerate(per_rank)
+                    if not all(math.isfinite(v) for v in d.values())
+                ]
+                raise FloatingPointError(
+                    f"loss became infinite or NaN at iteration {iteration}: "
+                    + "; ".join(bad)
+                    + f" (all losses: {per_rank})"
+                )
+            mean = dict(zip(names, table[:, j, :-2].mean(dim=0).tolist()))
+            records.append(IterationRecord(iteration, mean, lr, iter_time, float(table[:, j, -1].max())))
+        return records
 
     def train(self, start_iter: int) -> None:
         """Iterations start_iter .. max_iter-1, then the final checkpoint."""
@@ -102,17 +160,25 @@ class Trainer:
         self.model.train()
         for it in range(start_iter, self.max_iter):
             rec = self.run_step(it)
-            self.windows.add(rec)
             last = it == self.max_iter - 1
-            if self.metrics is not None and ((it + 1) % self.log_period == 0 or last):
+            log_now = (it + 1) % self.log_period == 0 or last
+            checkpointed = not last and self.checkpoint_period > 0 and (it + 1) % self.checkpoint_period == 0
+            evaluating = not last and self.eval_period > 0 and (it + 1) % self.eval_period == 0
+            if rec is None:
+                if log_now or checkpointed or evaluating:
+                    for r in self.flush_metrics():
+                        self.windows.add(r)
+                        rec = r
+            else:
+                self.windows.add(rec)
+            if rec is not None and self.metrics is not None and log_now:
                 summary = self.windows.summary(
                     rec, self.max_iter, self.global_batch, self.accel.max_memory_allocated_mb()
                 )
                 self.metrics.write(summary)
-            checkpointed = not last and self.checkpoint_period > 0 and (it + 1) % self.checkpoint_period == 0
             if checkpointed:
                 self.save(periodic_name(it), it)
-            if not last and self.eval_period > 0 and (it + 1) % self.eval_period == 0:
+            if evaluating:
                 self.run_eval(it, final=False, sync=checkpointed)
         self.save_final()
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import batched_nms
 
 from .box_regression import BOX_REG_LOSS_TYPES, Box2BoxTransform, box_regression_loss
 from .boxes import clip_boxes
 from .layers import add_conv_stack
+from .ops import batched_nms
 from .weight_init import c2_xavier_fill, normal_fill
 
 

@@ -9,9 +9,9 @@ import pycocotools.mask as mask_util
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import roi_align
 
 from .layers import add_conv_stack
+from .ops import roi_align
 from .weight_init import c2_msra_fill, normal_fill
 
 

@@ -9,11 +9,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..accel import resolve_device
+from ..data.static_batch import StaticShapes, build_static_batch
 from ..structures import Detections
 from .cascade_heads import CascadeROIHeads
 from .fpn import FPN
 from .postprocess import detector_postprocess
 from .rpn import RPN
+from .static_rcnn import inference_padded, train_losses, unpad_detections
 
 
 def pad_and_batch(images: list[Tensor], size_divisibility: int, pad_value: float = 0.0) -> Tensor:
@@ -48,6 +50,7 @@ class CascadeMaskRCNN(nn.Module):
         pixel_mean: tuple[float, ...],
         pixel_std: tuple[float, ...],
         input_format: str = "BGR",
+        static: Optional[StaticShapes] = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -62,6 +65,7 @@ class CascadeMaskRCNN(nn.Module):
         )
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.input_format = input_format
+        self.static = static  # MODEL.STATIC: fixed canvases and padded rows (static_rcnn.py)
 
     @classmethod
     def from_config(cls, cfg) -> CascadeMaskRCNN:
@@ -85,6 +89,9 @@ class CascadeMaskRCNN(nn.Module):
             pixel_mean=tuple(cfg.MODEL.PIXEL_MEAN),
             pixel_std=tuple(cfg.MODEL.PIXEL_STD),
             input_format=cfg.INPUT.FORMAT,
+            static=StaticShapes.from_config(cfg, backbone.size_divisibility)
+            if cfg.MODEL.STATIC.ENABLED
+            else None,
         )
 
     @property
@@ -114,6 +121,8 @@ class CascadeMaskRCNN(nn.Module):
     def forward(self, batched_inputs: list[dict[str, Any]]) -> dict[str, Tensor] | list[Detections]:
         if not self.training:
             return self.inference(batched_inputs)
+        if self.static is not None:
+            return train_losses(self, self.static_batch(batched_inputs))
         targets = []
         for i, x in enumerate(batched_inputs):
             if "targets" not in x:
@@ -127,10 +136,23 @@ class CascadeMaskRCNN(nn.Module):
         detector_losses = self.roi_heads.losses(features, proposals, sizes, targets)
         return {**detector_losses, **losses}
 
+    def static_batch(self, batched_inputs: list[dict[str, Any]]):
+        """The batch on its MODEL.STATIC canvas, ground truth padded (training mode)."""
+        return build_static_batch(batched_inputs, self.static, self.pixel_mean, self.pixel_std, self.training)
+
     @torch.no_grad()
     def inference(self, batched_inputs: list[dict[str, Any]]) -> list[Detections]:
         """Detections per image at its original ("height", "width") size (default: the input size)."""
+        if self.static is not None:
+            return self._static_inference(batched_inputs)
         images, sizes = self.preprocess(batched_inputs)
+        return self.detect(images, sizes, batched_inputs)
+
+    @torch.no_grad()
+    def detect(
+        self, images: Tensor, sizes: list[tuple[int, int]], batched_inputs: list[dict[str, Any]]
+    ) -> list[Detections]:
+        """Dynamic-mode inference on an already padded batch (static mode's tests feed its canvas)."""
         features = self.backbone(images)
         proposals, _ = self.proposal_generator(features, sizes, None)
         results = self.roi_heads.inference(features, proposals, sizes)
@@ -138,6 +160,17 @@ class CascadeMaskRCNN(nn.Module):
         for r, x, size in zip(results, batched_inputs, sizes):
             out_size = (int(x.get("height", size[0])), int(x.get("width", size[1])))
             out.append(detector_postprocess(r.boxes, r.scores, r.classes, r.mask_probs, size, out_size))
+        return out
+
+    def _static_inference(self, batched_inputs: list[dict[str, Any]]) -> list[Detections]:
+        batch = self.static_batch(batched_inputs)
+        padded = inference_padded(self, batch.images, batch.image_sizes)
+        out = []
+        for i, x in enumerate(batched_inputs):
+            size = tuple(int(v) for v in x["image"].shape[-2:])
+            out_size = (int(x.get("height", size[0])), int(x.get("width", size[1])))
+            boxes, scores, classes, masks = unpad_detections(padded, i)
+            out.append(detector_postprocess(boxes, scores, classes, masks, size, out_size))
         return out
 
 

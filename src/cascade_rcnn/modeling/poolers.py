@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align as tv_roi_align
+
+from . import ops
 
 POOLER_TYPES = {"ROIAlignV2": True, "ROIAlign": False}  # name -> aligned (half-pixel offset)
 
@@ -185,10 +186,10 @@ class _CPUROIAlign(torch.autograd.Function):
 def roi_align(
     feat: Tensor, rois: Tensor, output_size: tuple[int, int], scale: float, sampling_ratio: int, aligned: bool
 ) -> Tensor:
-    """torchvision.ops.roi_align; on CPU its forward spread over torch.get_num_threads() threads
-    and its backward computed by roi_align_backward_cpu."""
-    if feat.device.type != "cpu":
-        return tv_roi_align(feat, rois, output_size, scale, sampling_ratio, aligned)
+    """ops.roi_align; where that picks torchvision on CPU, its forward spread over
+    torch.get_num_threads() threads and its backward computed by roi_align_backward_cpu."""
+    if feat.device.type != "cpu" or ops.select_impl("cpu") != "torchvision":
+        return ops.roi_align(feat, rois, output_size, scale, sampling_ratio, aligned)
     workers = min(torch.get_num_threads(), rois.shape[0] // _MIN_ROIS_PER_THREAD)
     if torch.is_grad_enabled() and feat.requires_grad:
         return _CPUROIAlign.apply(feat, rois, output_size, scale, sampling_ratio, aligned, workers)

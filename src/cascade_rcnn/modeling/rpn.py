@@ -7,7 +7,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import batched_nms
 
 from ..structures import Targets
 from .anchors import AnchorGenerator
@@ -15,6 +14,7 @@ from .box_regression import BOX_REG_LOSS_TYPES, Box2BoxTransform, box_regression
 from .boxes import clip_boxes, nonempty, pairwise_iou
 from .layers import Conv2d
 from .matcher import Matcher
+from .ops import batched_nms
 from .sampling import subsample_labels
 from .weight_init import normal_fill
 

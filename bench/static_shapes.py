@@ -1,0 +1,203 @@
+"""Static-shape mode against dynamic mode, eager and compiled, in one process; print one JSON line.
+
+    python bench/static_shapes.py --config configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml --iters 5
+
+Every iteration draws one batch (--batch images of varied sizes from the config's resize rule,
+0 to 60 random boxes with bitmask masks each) and times, on that same batch and in this order:
+eager dynamic, eager static, compiled static (torch.compile inductor, fullgraph, static shapes),
+for a train step (forward + backward + SGD step at lr 0, so every variant sees the same weights)
+and for inference. Before timing, each (canvas, gt bucket) seen gets one untimed warm-up call of
+the compiled variants; recompiles_after_warmup counts graphs compiled after that.
+
+The canvases are MODEL.STATIC.CANVAS when the config sets them, else a landscape and a portrait
+canvas just holding the largest resized image, and a square one for batches mixing both (not with
+--aspect-grouping). The model is freshly initialized unless --weights is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cascade_rcnn.config import load_config  # noqa: E402
+from cascade_rcnn.data.transforms import resize_shortest_edge_shape  # noqa: E402
+from cascade_rcnn.modeling import build_model  # noqa: E402
+from cascade_rcnn.modeling.static_rcnn import compile_inference, compile_train_losses  # noqa: E402
+from cascade_rcnn.structures import Targets  # noqa: E402
+
+
+def _round_up(v: int, d: int) -> int:
+    return (v + d - 1) // d * d
+
+
+def synthetic_image(rng, cfg, num_objects: int, train: bool, landscape=None) -> dict:
+    """landscape True/False: only that orientation (as DATALOADER.ASPECT_RATIO_GROUPING batches)."""
+    short = cfg.INPUT.MIN_SIZE_TRAIN if train else (cfg.INPUT.MIN_SIZE_TEST,)
+    longest = cfg.INPUT.MAX_SIZE_TRAIN if train else cfg.INPUT.MAX_SIZE_TEST
+    aspect = float(rng.choice([0.5, 0.75, 1.0, 1.33, 1.5, 2.0]))  # w / h of the original
+    if landscape is not None:
+        aspect = float(rng.choice([1.0, 1.33, 1.5, 1.78]))
+        aspect = aspect if landscape else 1 / aspect
+    h0 = 1000
+    h, w = resize_shortest_edge_shape(h0, int(h0 * aspect), int(rng.choice(short)), longest)
+    image = torch.from_numpy(rng.integers(0, 256, size=(3, h, w), dtype=np.uint8))
+    item = {"image": image, "height": h, "width": w}
+    if train:
+        n = num_objects
+        x0, y0 = rng.uniform(0, w - 16, n), rng.uniform(0, h - 16, n)
+        x1 = np.minimum(x0 + rng.uniform(8, w / 3, n), w)
+        y1 = np.minimum(y0 + rng.uniform(8, h / 3, n), h)
+        boxes = torch.tensor(np.stack([x0, y0, x1, y1], 1), dtype=torch.float32).reshape(n, 4)
+        masks = torch.zeros((n, h, w), dtype=torch.bool)
+        for i, (a, b, c, d) in enumerate(boxes.round().to(torch.int64).tolist()):
+            masks[i, b:d, a:c] = True
+        classes = torch.from_numpy(rng.integers(0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, n))
+        item["targets"] = Targets(boxes=boxes, classes=classes, masks=masks)
+    return item
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on cpu, float16 elsewhere)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", help="weights to load (default: fresh initialization)")
+    p.add_argument(
+        "--aspect-grouping",
+        action="store_true",
+        help="each batch all landscape or all portrait (detectron2's default grouping); no square canvas",
+    )
+    p.add_argument("opts", nargs="*", help="KEY VALUE config overrides")
+    args = p.parse_args(argv)
+
+    cfg = load_config(args.config, ["MODEL.DEVICE", args.device, *args.opts])
+    if not cfg.MODEL.STATIC.CANVAS:
+        s = _round_up(max(cfg.INPUT.MIN_SIZE_TRAIN), 32)
+        m = _round_up(cfg.INPUT.MAX_SIZE_TRAIN, 32)
+        cfg.MODEL.STATIC.CANVAS = [(s, m), (m, s)] if args.aspect_grouping else [(s, m), (m, s), (m, m)]
+    cfg.MODEL.STATIC.ENABLED = True
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    torch.manual_seed(args.seed)
+    model = build_model(cfg)
+    if args.weights:
+        from cascade_rcnn.checkpoint import load_into_model, load_weights
+
+        load_into_model(model, load_weights(args.weights))
+    static_shapes = model.static
+    device = model.device
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else contextlib.nullcontext
+
+    from torch._dynamo.utils import counters
+
+    compiled_train = compile_train_losses(model)
+    compiled_infer = compile_inference(model)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elif device.type == "npu":
+            torch.npu.synchronize()
+
+    def train_step(variant, inputs):
+        model.train()
+        model.static = None if variant == "eager_dynamic" else static_shapes
+        with autocast():
+            if variant == "compiled_static":
+                losses = compiled_train(model.static_batch(inputs))
+            else:
+                losses = model(inputs)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    def infer(variant, inputs):
+        model.eval()
+        model.static = None if variant == "eager_dynamic" else static_shapes
+        with torch.no_grad(), autocast():
+            if variant == "compiled_static":
+                batch = model.static_batch(inputs)
+                compiled_infer(batch.images, batch.image_sizes)
+            else:
+                model(inputs)
+
+    rng = np.random.default_rng(args.seed)
+    batches = []
+    for _ in range(args.iters):
+        counts = [int(v) for v in rng.integers(0, 61, args.batch)]
+        side = bool(rng.integers(2)) if args.aspect_grouping else None
+        train_in = [synthetic_image(rng, cfg, n, True, side) for n in counts]
+        test_in = [synthetic_image(rng, cfg, 0, False, side) for _ in range(args.batch)]
+        batches.append((train_in, test_in))
+    # Warm-up: one compiled call per distinct static shape (and one eager call of each kind).
+    model.train()
+    train_keys, test_keys = {}, {}
+    for train_in, test_in in batches:
+        train_keys.setdefault(model.static_batch(train_in).shape_key, train_in)
+        model.eval()
+        test_keys.setdefault(model.static_batch(test_in).shape_key, test_in)
+        model.train()
+    t0 = time.perf_counter()
+    for inputs in train_keys.values():
+        train_step("compiled_static", inputs)
+    for inputs in test_keys.values():
+        infer("compiled_static", inputs)
+    compile_s = time.perf_counter() - t0
+    train_step("eager_dynamic", batches[0][0])
+    train_step("eager_static", batches[0][0])
+    warm_graphs = counters["stats"]["unique_graphs"]
+
+    variants = ("eager_dynamic", "eager_static", "compiled_static")
+    times = {f"{v}_{k}": [] for v in variants for k in ("train_step_s", "inference_s")}
+    for train_in, test_in in batches:
+        for v in variants:
+            sync()
+            t = time.perf_counter()
+            train_step(v, train_in)
+            sync()
+            times[f"{v}_train_step_s"].append(time.perf_counter() - t)
+        for v in variants:
+            sync()
+            t = time.perf_counter()
+            infer(v, test_in)
+            sync()
+            times[f"{v}_inference_s"].append(time.perf_counter() - t)
+    out = {
+        "config": args.config,
+        "device": str(device),
+        "amp": args.amp,
+        "batch": args.batch,
+        "iters": args.iters,
+        "weights": args.weights or "fresh",
+        "threads": torch.get_num_threads(),
+        "aspect_grouping": args.aspect_grouping,
+        "canvases": [list(c) for c in static_shapes.canvases],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "recompiles_after_warmup": counters["stats"]["unique_graphs"] - warm_graphs,
+        "distinct_shapes": len(train_keys) + len(test_keys),
+        "train_shapes": [list(k) for k in train_keys],
+        "compile_warmup_s": round(compile_s, 1),
+        **{k: round(statistics.median(v), 4) for k, v in times.items()},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""Device-portable RoIAlign and NMS (cascade_rcnn.modeling.ops) against torchvision's CPU kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cascade_rcnn.modeling import ops
+
+TOL = 1e-5
+
+
+def _rois(gen: torch.Generator, k: int, n_images: int, extent: float) -> torch.Tensor:
+    """Random boxes in image pixels plus the awkward ones: partly/fully outside, degenerate, tiny, huge."""
+    xy = torch.rand(k, 2, generator=gen) * extent * 1.2 - 0.1 * extent
+    wh = torch.rand(k, 2, generator=gen) * extent * 0.5
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    special = torch.tensor(
+        [
+            [-30.0, -20.0, 25.0, 18.0],  # partly outside (top left)
+            [0.8 * extent, 0.7 * extent, 1.6 * extent, 1.5 * extent],  # partly outside (bottom right)
+            [2.0 * extent, 2.0 * extent, 2.5 * extent, 2.2 * extent],  # fully outside
+            [-50.0, -50.0, -10.0, -5.0],  # fully outside, negative side
+            [10.0, 12.0, 10.0, 30.0],  # zero width
+            [20.0, 20.0, 14.0, 9.0],  # negative width and height
+            [5.0, 5.0, 5.1, 5.05],  # tiny
+            [-0.5 * extent, -0.4 * extent, 3.0 * extent, 2.5 * extent],  # huge
+        ]
+    )
+    boxes = torch.cat([boxes, special])
+    batch = torch.randint(0, n_images, (boxes.shape[0], 1), generator=gen).float()
+    return torch.cat([batch, boxes], dim=1)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("scale,output", [(0.25, 7), (0.125, 14), (1.0, 5)])
+def test_roi_align_tensor_matches_torchvision_forward_and_gradient(aligned, sampling_ratio, scale, output):
+    gen = torch.Generator().manual_seed(int(scale * 1000) + output + sampling_ratio + aligned)
+    feat = torch.randn(2, 3, 23, 31, generator=gen, requires_grad=True)
+    rois = _rois(gen, 40, 2, extent=31 / scale)
+    ref = torchvision.ops.roi_align(feat, rois, output, scale, sampling_ratio, aligned)
+    out = ops.roi_align_tensor(feat, rois, output, scale, sampling_ratio, aligned)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    g = torch.randn(ref.shape, generator=gen)
+    (g_ref,) = torch.autograd.grad((ref * g).sum(), feat)
+    (g_out,) = torch.autograd.grad((out * g).sum(), feat)
+    torch.testing.assert_close(g_out, g_ref, atol=TOL, rtol=0)
+
+
+def test_roi_align_tensor_honours_and_checks_max_samples():
+    gen = torch.Generator().manual_seed(3)
+    feat = torch.randn(1, 2, 16, 16, generator=gen)
+    rois = torch.tensor([[0.0, 1.0, 1.0, 30.0, 30.0], [0.0, 2.0, 3.0, 9.0, 7.0]])
+    # The first box needs ceil(29 * 0.5 / 7) = 3 samples per axis: 9 per bin.
+    ref = torchvision.ops.roi_align(feat, rois, 7, 0.5, 0, True)
+    torch.testing.assert_close(
+        ops.roi_align_tensor(feat, rois, 7, 0.5, 0, True, max_samples=9), ref, atol=TOL, rtol=0
+    )
+    torch.testing.assert_close(
+        ops.roi_align_tensor(feat, rois, 7, 0.5, 0, True, max_samples=20), ref, atol=TOL, rtol=0
+    )
+    with pytest.raises(ValueError, match="max_samples=8 is below the 9"):
+        ops.roi_align_tensor(feat, rois, 7, 0.5, 0, True, max_samples=8)
+    with pytest.raises(ValueError, match=r"rois must be \(K, 5\)"):
+        ops.roi_align_tensor(feat, rois[:, 1:], 7, 0.5, 0, True)
+    assert ops.roi_align_tensor(feat, rois[:0], 7, 0.5, 0, True).shape == (0, 2, 7, 7)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_multilevel_roi_align_equals_pooling_each_roi_on_its_level(sampling_ratio):
+    gen = torch.Generator().manual_seed(sampling_ratio)
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    feats = [torch.randn(2, 4, 64 // 2**i, 48 // 2**i, generator=gen, requires_grad=True) for i in range(4)]
+    rois = _rois(gen, 60, 2, extent=200.0)
+    levels = torch.randint(0, 4, (rois.shape[0],), generator=gen)
+    out = ops.multilevel_roi_align(feats, rois, levels, 7, scales, sampling_ratio, True)
+    ref = torch.zeros_like(out)
+    for lvl, (f, s) in enumerate(zip(feats, scales)):
+        rows = levels == lvl
+        ref[rows] = torchvision.ops.roi_align(f, rois[rows], 7, s, sampling_ratio, True)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    g = torch.randn(ref.shape, generator=gen)
+    grads_ref = torch.autograd.grad((ref * g).sum(), feats)
+    grads_out = torch.autograd.grad((out * g).sum(), feats)
+    for a, b in zip(grads_out, grads_ref):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+
+
+def _nms_case(gen: torch.Generator, n: int):
+    """Boxes with duplicates, degenerate boxes and exact score ties."""
+    xy = torch.rand(n, 2, generator=gen) * 100
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=gen) * 40], dim=1)
+    if n >= 8:
+        boxes[1] = boxes[0]  # duplicate
+        boxes[2, 2:] = boxes[2, :2]  # zero area
+        boxes[3, 2] = boxes[3, 0] - 5  # negative width
+        boxes[4:6] = boxes[6]
+    scores = torch.randint(0, max(2, n // 4), (n,), generator=gen).float() / 7  # many exact ties
+    valid = torch.rand(n, generator=gen) < 0.8
+    return boxes, scores, valid
+
+
+def _reference(boxes, scores, valid, thr, max_out, idxs=None):
+    rows = torch.nonzero(valid, as_tuple=True)[0]
+    if idxs is None:
+        keep = torchvision.ops.nms(boxes[rows], scores[rows], thr)
+    else:
+        keep = torchvision.ops.batched_nms(boxes[rows], scores[rows], idxs[rows], thr)
+    return rows[keep][:max_out]
+
+
+def test_nms_fixed_keeps_torchvisions_set_in_its_order():
+    gen = torch.Generator().manual_seed(0)
+    for case in range(150):
+        n = [0, 1, 8, 37, 120, 300][case % 6]
+        boxes, scores, valid = _nms_case(gen, n)
+        if case % 10 == 3:
+            valid[:] = False
+        thr = [0.3, 0.5, 0.7, 0.0][case % 4]
+        max_out = [5, 50, 400][case % 3]
+        keep, keep_valid = ops.nms_fixed(boxes, scores, valid, thr, max_out)
+        assert keep.shape == keep_valid.shape == (max_out,) and keep.dtype == torch.int64
+        expected = _reference(boxes, scores, valid, thr, max_out)
+        assert torch.equal(keep[keep_valid], expected), case
+        assert bool(keep_valid[: expected.numel()].all()) and not bool(keep_valid[expected.numel() :].any())
+        idxs = torch.randint(0, 3, (n,), generator=gen)
+        keep, keep_valid = ops.batched_nms_fixed(boxes, scores, idxs, valid, thr, max_out)
+        assert torch.equal(keep[keep_valid], _reference(boxes, scores, valid, thr, max_out, idxs)), case
+
+
+def test_nms_fixed_batch_dimension_is_per_image():
+    gen = torch.Generator().manual_seed(1)
+    cases = [_nms_case(gen, 64) for _ in range(3)]
+    boxes, scores, valid = (torch.stack(t) for t in zip(*cases))
+    idxs = torch.randint(0, 4, (3, 64), generator=gen)
+    keep, keep_valid = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.5, 30)
+    for i in range(3):
+        assert torch.equal(
+            keep[i][keep_valid[i]], _reference(boxes[i], scores[i], valid[i], 0.5, 30, idxs[i])
+        )
+
+
+def test_dynamic_entries_match_torchvision_on_the_tensor_path():
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        boxes, scores, _ = _nms_case(gen, 200)
+        idxs = torch.randint(0, 5, (200,), generator=gen)
+        assert torch.equal(
+            ops.nms(boxes, scores, 0.6, impl="tensor"), torchvision.ops.nms(boxes, scores, 0.6)
+        )
+        assert torch.equal(
+            ops.batched_nms(boxes, scores, idxs, 0.6, impl="tensor"),
+            torchvision.ops.batched_nms(boxes, scores, idxs, 0.6),
+        )
+    feat = torch.randn(1, 2, 10, 12, generator=gen)
+    rois = _rois(gen, 10, 1, 40.0)
+    torch.testing.assert_close(
+        ops.roi_align(feat, rois, 7, 0.25, 0, True, impl="tensor"),
+        torchvision.ops.roi_align(feat, rois, 7, 0.25, 0, True),
+        atol=TOL,
+        rtol=0,
+    )
+
+
+def test_device_selection():
+    assert ops.select_impl("cpu") == ops.select_impl("cuda") == "torchvision"
+    assert ops.select_impl("npu") == "tensor"
+    assert ops.select_impl("cpu", "tensor") == "tensor"
+    with ops.dispatch_as("npu"):
+        assert ops.select_impl("cpu") == "tensor"
+    assert ops.select_impl("cpu") == "torchvision"
+    with pytest.raises(ValueError, match="impl 'npu_native'"):
+        ops.select_impl("npu", "npu_native")
+
+
+def _compile_counters():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+
+
+@pytest.mark.slow
+def test_compiled_nms_and_pooling_are_one_graph_for_any_data():
+    """fullgraph compile on CPU; new valid patterns and box values reuse the one graph."""
+    torch._dynamo.reset()
+    nms = torch.compile(ops.batched_nms_fixed, fullgraph=True)
+    pool = torch.compile(ops.multilevel_roi_align, fullgraph=True)
+    gen = torch.Generator().manual_seed(5)
+    scales = [1 / 4, 1 / 8]
+    for trial in range(3):
+        cases = [_nms_case(gen, 96) for _ in range(2)]
+        boxes, scores, valid = (torch.stack(t) for t in zip(*cases))
+        idxs = torch.randint(0, 3, (2, 96), generator=gen)
+        keep, keep_valid = nms(boxes, scores, idxs, valid, 0.5, 40)
+        for i in range(2):
+            assert torch.equal(
+                keep[i][keep_valid[i]], _reference(boxes[i], scores[i], valid[i], 0.5, 40, idxs[i])
+            )
+        feats = [torch.randn(1, 3, 32 // 2**i, 40 // 2**i, generator=gen) for i in range(2)]
+        xy = torch.rand(30, 2, generator=gen) * 120
+        rois = torch.cat([torch.zeros(30, 1), xy, xy + torch.rand(30, 2, generator=gen) * 40], dim=1)
+        levels = torch.randint(0, 2, (30,), generator=gen)
+        out = pool(feats, rois, levels, 7, scales, 0, True, 36)
+        torch.testing.assert_close(
+            out, ops.multilevel_roi_align(feats, rois, levels, 7, scales, 0, True), atol=TOL, rtol=0
+        )
+        graphs, recompiles = _compile_counters()
+        assert (graphs, recompiles) == (2, 0), trial
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.namespaces: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.namespaces.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+def test_npu_path_reaches_no_torchvision_op():
+    """Proof, without an NPU, that the npu path calls no torchvision kernel.
+
+    Every call of an operator registered with the dispatcher (aten ops and custom ops such as
+    torchvision::roi_align / torchvision::nms alike) passes through an active TorchDispatchMode,
+    in forward and in autograd's backward. The recorder first runs the whole model (training
+    forward + backward, then inference) with the default CPU choice and must see torchvision ops,
+    which shows it can see them; then the same runs under dispatch_as("npu"), which makes every
+    choice in ops exactly as for npu tensors (the choice reads only the device type), and no
+    torchvision op may appear. Model code that bypassed ops would show up in the second run.
+    """
+    from test_modeling import shapes_image, slim_cfg
+
+    from cascade_rcnn.modeling import build_model
+
+    seen = {}
+    for device in ("cpu", "npu"):
+        torch.manual_seed(0)
+        model = build_model(slim_cfg())
+        data = [shapes_image(0), shapes_image(1)]
+        recorder = _OpRecorder()
+        with ops.dispatch_as(device), recorder:
+            model.train()
+            losses = model(data)
+            sum(losses.values()).backward()
+            model.eval()
+            with torch.no_grad():
+                model(data)
+        seen[device] = recorder.namespaces
+    assert "torchvision" in seen["cpu"]
+    assert "aten" in seen["npu"] and "torchvision" not in seen["npu"], seen["npu"]
+
+
+@pytest.mark.slow
+def test_static_training_step_compiles_on_the_npu_path_and_matches_the_cpu_path():
+    """Static mode's training step with ops' tensor versions (the npu choice) compiles as one graph
+    (fullgraph) and gives the torchvision path's losses and gradients (one batch; measured relative
+    differences about 1e-6, bound 1e-4)."""
+    import numpy as np
+    from test_static_compile import _config, random_batch
+    from torch._dynamo.utils import counters
+
+    from cascade_rcnn.modeling import build_model
+    from cascade_rcnn.modeling.static_rcnn import compile_train_losses
+
+    torch.manual_seed(0)
+    model = build_model(_config()).train()
+    batch = model.static_batch(random_batch(np.random.default_rng(0), True, [5, 12]))
+    results = {}
+    for device in ("cpu", "npu"):
+        torch._dynamo.reset()
+        counters.clear()
+        with ops.dispatch_as(device):
+            step = compile_train_losses(model, backend="aot_eager")
+            torch.manual_seed(1)
+            losses = step(batch)
+            sum(losses.values()).backward()
+        assert counters["graph_break"] == {} and counters["stats"]["unique_graphs"] == 1, device
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        model.zero_grad(set_to_none=True)
+        results[device] = ({k: v.detach() for k, v in losses.items()}, grads)
+    (cpu_losses, cpu_grads), (npu_losses, npu_grads) = results["cpu"], results["npu"]
+    for name, value in cpu_losses.items():
+        torch.testing.assert_close(npu_losses[name], value, rtol=1e-4, atol=1e-4)
+    assert (npu_grads - cpu_grads).abs().max() <= 1e-4 * cpu_grads.abs().max()

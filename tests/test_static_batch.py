@@ -1,0 +1,55 @@
+"""MODEL.STATIC's data side: canvas choice, ground-truth buckets (no box dropped), config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cascade_rcnn.config import get_cfg
+from cascade_rcnn.data.static_batch import StaticShapes, build_static_batch
+from cascade_rcnn.structures import Targets
+
+
+def _shapes(canvas, bucket_min=16) -> StaticShapes:
+    cfg = get_cfg()
+    cfg.MODEL.STATIC.CANVAS = canvas
+    cfg.MODEL.STATIC.GT_BUCKET_MIN = bucket_min
+    return StaticShapes.from_config(cfg, 32)
+
+
+def test_smallest_canvas_that_holds_the_batch():
+    s = _shapes([(448, 448), (320, 448), (448, 320)])
+    assert s.canvases[-1] == (448, 448)
+    assert s.canvas_for([(300, 440), (320, 400)]) == (320, 448)
+    assert s.canvas_for([(440, 300)]) == (448, 320)
+    assert s.canvas_for([(300, 440), (440, 300)]) == (448, 448)  # landscape + portrait
+    with pytest.raises(ValueError, match=r"MODEL.STATIC.CANVAS.*\(449, 10\)"):
+        s.canvas_for([(449, 10)])
+
+
+def test_gt_buckets_grow_without_cap():
+    s = _shapes([(64, 64)], bucket_min=16)
+    assert [s.gt_bucket(n) for n in (0, 16, 17, 60, 300)] == [16, 16, 32, 64, 512]
+    n = 300
+    boxes = torch.rand(n, 4) * 30
+    boxes[:, 2:] += boxes[:, :2] + 1
+    item = {
+        "image": torch.zeros(3, 64, 64, dtype=torch.uint8),
+        "targets": Targets(boxes, torch.zeros(n, dtype=torch.int64)),
+    }
+    batch = build_static_batch([item], s, torch.zeros(3, 1, 1), torch.ones(3, 1, 1), training=True)
+    assert batch.shape_key == (1, 64, 64, 512)
+    assert int(batch.gt_valid.sum()) == n and torch.equal(batch.gt_boxes[0, :n], boxes)
+
+
+@pytest.mark.parametrize(
+    "canvas, match",
+    [
+        ([], "at least one MODEL.STATIC.CANVAS"),
+        ([(100, 128)], "multiples of the backbone's size divisibility 32"),
+        ([(128,)], r"\(height, width\) integer pairs"),
+    ],
+)
+def test_bad_canvas_is_named(canvas, match):
+    with pytest.raises(ValueError, match=match):
+        _shapes(canvas)
