@@ -24,16 +24,18 @@ def evaluate(
     metrics: Output[Metrics],
     table: Output[Markdown],
     report: Output[HTML],
+    static_canvas: list = [],  # noqa: B006 (kfp reads the default from here)
 ):
     """Evaluate `model`'s checkpoint on `split` of the dataset (max_images: the first N, 0: all)."""
     from cascade_rcnn import storage
-    from cascade_rcnn.config import load_config
+    from cascade_rcnn.config import load_config, static_opts
     from cascade_rcnn.evaluation import evaluate_checkpoint, kfp_metrics
     from cascade_rcnn.logs import setup_logging
 
     setup_logging()
     output = storage.join(root, "runs", run_id or job_id, "eval")
-    cfg = load_config(config, ["MODEL.DEVICE", device, *[str(x) for x in config_opts]])
+    opts = [*[str(x) for x in config_opts], *static_opts(static_canvas)]
+    cfg = load_config(config, ["MODEL.DEVICE", device, *opts])
     weights = model.metadata["checkpoint_uri"]
     results = evaluate_checkpoint(
         cfg,

@@ -31,6 +31,7 @@ def finetune(
     nodes: int = 1,
     trainjob: str = "",
     s3_secret: str = "",
+    static_canvas: list = [],  # noqa: B006 (kfp reads the default from here)
 ):
     """Fine-tune `base_model`'s checkpoint on `data` (a COCO-layout root or a manifest URI; empty:
     the ingested dataset). When the new data has another number of classes, set
@@ -40,6 +41,7 @@ def finetune(
     import json
 
     from cascade_rcnn import storage
+    from cascade_rcnn.config import static_opts
     from cascade_rcnn.engine.launch import TrainJob, run_training
 
     job = TrainJob(
@@ -55,7 +57,7 @@ def finetune(
         accelerator=accelerator,
         device=device,
         amp=amp,
-        opts=[*config_opts, *finetune_opts],
+        opts=[*config_opts, *static_opts(static_canvas), *finetune_opts],
     )
     if nodes > 1:
         from cascade_rcnn.engine.trainjob import Cluster, run_trainjob, trainer_client

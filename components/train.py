@@ -31,6 +31,7 @@ def train(
     nodes: int = 1,
     trainjob: str = "",
     s3_secret: str = "",
+    static_canvas: list = [],  # noqa: B006 (kfp reads the default from here)
 ):
     """Train `config` on the dataset's manifest from `weights`' checkpoint.
 
@@ -43,10 +44,13 @@ def train(
     workers and `accelerator` devices each, from `trainjob` (the compiled Cluster settings: image,
     runtime, resources, placement) and the Secret `s3_secret`; a retry deletes a TrainJob left over
     by the previous attempt and resumes from the output's last checkpoint.
+    static_canvas: [[height, width], ...] trains in static-shape mode (MODEL.STATIC) on those
+    canvases; empty: dynamic shapes, detectron2's own padding.
     """
     import json
 
     from cascade_rcnn import storage
+    from cascade_rcnn.config import static_opts
     from cascade_rcnn.engine.launch import TrainJob, run_training
 
     job = TrainJob(
@@ -61,7 +65,7 @@ def train(
         accelerator=accelerator,
         device=device,
         amp=amp,
-        opts=config_opts,
+        opts=[*config_opts, *static_opts(static_canvas)],
     )
     if nodes > 1:
         from cascade_rcnn.engine.trainjob import Cluster, run_trainjob, trainer_client

@@ -172,6 +172,17 @@ def check_params(params: Mapping[str, Any], inputs: Mapping[str, dict]) -> dict[
     for name in ("train_split", "eval_split"):
         if name in merged:
             check(bool(merged[name]), f"{name} is empty: name a split of the data set")
+    if merged.get("static_canvas"):
+        canvas = merged["static_canvas"]
+        ok = all(
+            isinstance(c, list) and len(c) == 2 and all(isinstance(v, int) and v > 0 and v % 32 == 0 for v in c)
+            for c in canvas
+        )
+        check(
+            ok,
+            f"static_canvas={canvas!r}: give [height, width] pairs, each a positive multiple of 32, "
+            "e.g. [[800, 1344], [1344, 800]]",
+        )
     if "min_improvement" in merged:
         value = merged["min_improvement"]
         check(

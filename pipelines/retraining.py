@@ -70,7 +70,8 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         weights: str = DEFAULT_WEIGHTS,
         weights_sha256: str = "",
         config: str = DEFAULT_CONFIG,
-        config_opts: list = [],  # noqa: B006 (kfp reads the default from here)
+        config_opts: list = [],  # noqa: B006
+        static_canvas: list = [],  # noqa: B006
         iterations: int = 22500,
         learning_rate: float = 0.2,
         warm_start_iterations: int = 2000,
@@ -88,7 +89,8 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         """root: s3://bucket/prefix of data sets, weights, runs and the model registry.
         force: train even when the data did not change. metric: TASK/NAME of the promotion rule
         (segm/AP, bbox/AP, bbox/AP50, ...); min_improvement in AP points. nodes: training nodes of
-        accelerator_count accelerators each; more than 1 trains as a Kubeflow Trainer TrainJob."""
+        accelerator_count accelerators each; more than 1 trains as a Kubeflow Trainer TrainJob.
+        static_canvas: [[height, width], ...] for static-shape mode (MODEL.STATIC); empty: dynamic."""
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         ingest_task = ingest_op(
             source=data_source,
@@ -121,6 +123,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
             device=device,
             amp=amp,
             config_opts=config_opts,
+            static_canvas=static_canvas,
         )
 
         placement = dict(
@@ -140,6 +143,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
                 max_images=eval_max_images,
                 device=device,
                 config_opts=config_opts,
+                static_canvas=static_canvas,
             ).set_display_name("evaluate challenger")
             kubernetes.empty_dir_mount(
                 eval_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="8Gi"

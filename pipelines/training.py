@@ -241,6 +241,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         weights_sha256: str = "",
         config: str = DEFAULT_CONFIG,
         config_opts: list = [],  # noqa: B006
+        static_canvas: list = [],  # noqa: B006
         iterations: int = 22500,
         learning_rate: float = 0.2,
         batch_per_device: int = 16,
@@ -262,7 +263,9 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         """root: s3://bucket/prefix for data sets, weights and runs (`<root>/runs/<run id>/`).
         run_id: empty uses the KFP run's id; reuse an id to resume a run's training in a new run.
         nodes: training nodes of accelerator_count accelerators each; more than 1 runs train and
-        finetune as Kubeflow Trainer TrainJobs (docs/cluster.md)."""
+        finetune as Kubeflow Trainer TrainJobs (docs/cluster.md).
+        static_canvas: [[height, width], ...] trains and evaluates in static-shape mode on those
+        canvases (MODEL.STATIC, e.g. [[800, 1344], [1344, 800]]); empty: dynamic shapes."""
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
         ingest_task = ingest_op(
@@ -297,6 +300,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
             device=device,
             amp=amp,
             config_opts=config_opts,
+            static_canvas=static_canvas,
         )
         placement = dict(
             nodes=nodes,
@@ -315,6 +319,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
             max_images=eval_max_images,
             device=device,
             config_opts=config_opts,
+            static_canvas=static_canvas,
         ).set_display_name("evaluate")
         kubernetes.empty_dir_mount(
             eval_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="8Gi"
@@ -336,6 +341,7 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
                 device=device,
                 amp=amp,
                 config_opts=config_opts,
+                static_canvas=static_canvas,
                 finetune_opts=finetune_opts,
             )
             # Fine-tune once the trained model has been evaluated, so the steps read in order.

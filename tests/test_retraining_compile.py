@@ -3,17 +3,19 @@ step, credentials only by Secret reference; `python -m pipelines schedule` sends
 with its parameters checked before it connects."""
 
 import secrets
+from pathlib import Path
 
 import pytest
 import yaml
 from test_pipeline_cli import GOOD, KfpApiStandIn, _tasks_caching
 from test_pipeline_compile import _all_tasks, _docs, _without_sdk_version
 
-from pipelines import retraining
+from pipelines import retraining, training
 from pipelines.cli import main as cli_main
 from pipelines.params import ParameterError, check_params, pipeline_inputs
 
 COMPILED = retraining.COMPILED
+REPO = Path(__file__).resolve().parents[1]
 ACCELERATOR_STEPS = ("train", "finetune")
 
 
@@ -131,3 +133,29 @@ def test_run_local_retraining_refuses_bad_parameters_before_starting(tmp_path, c
     assert cli_main(argv) == 2
     assert "min_improvement=-1.0 must be 0 or more" in capsys.readouterr().err
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("package", [COMPILED, training.COMPILED], ids=["retraining", "training"])
+def test_static_canvas_reaches_every_train_finetune_and_evaluate_task(package):
+    spec, _ = _docs(package)
+    assert spec["root"]["inputDefinitions"]["parameters"]["static_canvas"]["defaultValue"] == []
+    tasks = _all_tasks(spec)
+    wanted = ("comp-train", "comp-finetune", "comp-evaluate")
+    reached = [n for n, t in tasks.items() if t["componentRef"]["name"].startswith(wanted)]
+    assert reached
+    for name in reached:
+        assert "static_canvas" in tasks[name]["inputs"]["parameters"], name
+
+
+def test_static_canvas_becomes_the_static_config_keys():
+    from cascade_rcnn.config import ConfigError, load_config, static_opts
+
+    assert static_opts([]) == []
+    opts = static_opts([[800, 1344], [1344, 800]])
+    cfg = load_config(str(REPO / training.DEFAULT_CONFIG), opts)
+    assert cfg.MODEL.STATIC.ENABLED is True
+    assert [tuple(c) for c in cfg.MODEL.STATIC.CANVAS] == [(800, 1344), (1344, 800)]
+    with pytest.raises(ConfigError, match="static_canvas entries"):
+        static_opts([[800]])
+    with pytest.raises(ParameterError, match="multiple of 32"):
+        check_params({"root": "s3://b-1/x", "static_canvas": [[800, 1333]]}, pipeline_inputs(COMPILED))

@@ -13,7 +13,7 @@ import ast
 import copy
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import yaml
 
@@ -463,3 +463,19 @@ def _as_int(value: float | int, key: str, source: str) -> int:
     if isinstance(value, float) and not value.is_integer():
         raise ConfigError(f"{source}: {key} expects an integer, got {value!r}")
     return int(value)
+
+
+def static_opts(canvas: Sequence) -> list[str]:
+    """Config overrides that turn static-shape mode on for these (height, width) canvases, as the
+    pipelines' `static_canvas` parameter gives them ([[800, 1344], [1344, 800]]); none when empty
+    (dynamic mode, detectron2's own padding)."""
+    if not canvas:
+        return []
+    pairs = []
+    for entry in canvas:
+        if not (
+            isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry)
+        ):
+            raise ConfigError(f"static_canvas entries must be [height, width] integer pairs, got {entry!r}")
+        pairs.append((int(entry[0]), int(entry[1])))
+    return ["MODEL.STATIC.ENABLED", "True", "MODEL.STATIC.CANVAS", repr(tuple(pairs))]
