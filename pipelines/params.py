@@ -175,7 +175,9 @@ def check_params(params: Mapping[str, Any], inputs: Mapping[str, dict]) -> dict[
     if merged.get("static_canvas"):
         canvas = merged["static_canvas"]
         ok = all(
-            isinstance(c, list) and len(c) == 2 and all(isinstance(v, int) and v > 0 and v % 32 == 0 for v in c)
+            isinstance(c, list)
+            and len(c) == 2
+            and all(isinstance(v, int) and v > 0 and v % 32 == 0 for v in c)
             for c in canvas
         )
         check(
