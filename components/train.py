@@ -51,7 +51,8 @@ def train(
 
     from cascade_rcnn import storage
     from cascade_rcnn.config import static_opts
-    from cascade_rcnn.engine.launch import TrainJob, run_training
+    from cascade_rcnn.engine.launch import TrainJob
+    from cascade_rcnn.engine.trainjob import run_step
 
     job = TrainJob(
         config=config,
@@ -67,19 +68,7 @@ def train(
         amp=amp,
         opts=[*config_opts, *static_opts(static_canvas)],
     )
-    if nodes > 1:
-        from cascade_rcnn.engine.trainjob import Cluster, run_trainjob, trainer_client
-
-        cluster = Cluster.from_json(
-            trainjob,
-            nodes=nodes,
-            accelerator_type=accelerator,
-            procs_per_node=nproc_per_node,
-            s3_secret=s3_secret,
-        )
-        info = run_trainjob(job, cluster, trainer_client(cluster.namespace), run_key=job.output, step="train")
-    else:
-        info = run_training(job)
+    info = run_step(job, step="train", nodes=nodes, trainjob=trainjob, s3_secret=s3_secret)
     model.metadata.update(info)
     with open(model.path, "w") as f:
         json.dump(info, f, indent=1)

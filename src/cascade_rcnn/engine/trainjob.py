@@ -536,3 +536,22 @@ def trainer_client(namespace: Optional[str] = None):
     from kubeflow.trainer import TrainerClient
 
     return TrainerClient(backend_config=KubernetesBackendConfig(namespace=namespace))
+
+
+def run_step(job: TrainJob, *, step: str, nodes: int = 1, trainjob: str = "", s3_secret: str = "") -> dict:
+    """What the train and finetune components run: `job` in this pod (launch.run_training) when
+    nodes == 1, else as a TrainJob of `nodes` nodes built from `trainjob` (the compiled Cluster
+    settings) and the Secret `s3_secret`, keyed by the job's output prefix so a retry finds a
+    leftover of its own run."""
+    if nodes <= 1:
+        from cascade_rcnn.engine.launch import run_training
+
+        return run_training(job)
+    cluster = Cluster.from_json(
+        trainjob,
+        nodes=nodes,
+        accelerator_type=job.accelerator,
+        procs_per_node=job.nproc_per_node,
+        s3_secret=s3_secret,
+    )
+    return run_trainjob(job, cluster, trainer_client(cluster.namespace), run_key=job.output, step=step)
