@@ -70,6 +70,50 @@ def test_roi_align_tensor_honours_and_checks_max_samples():
     assert ops.roi_align_tensor(feat, rois[:0], 7, 0.5, 0, True).shape == (0, 2, 7, 7)
 
 
+@pytest.mark.parametrize("canvas", [(448, 448), (320, 448), (800, 1344), (1344, 800)])
+def test_fpn_sample_bound_covers_every_box_inside_the_image(canvas):
+    """The bound static mode gives the tensor RoIAlign holds for any box inside the canvas on the
+    level ROIPooler's rule assigns it, including the extreme shapes that set it: full-width
+    slivers, boxes just under a level's area limit, the whole image; and it is far below the
+    whole-map bound the compiled path used before."""
+    from cascade_rcnn.modeling.poolers import assign_boxes_to_levels
+
+    h, w = canvas
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    maps = [(h // 4, w // 4), (h // 8, w // 8), (h // 16, w // 16), (h // 32, w // 32)]
+    bound = ops.fpn_sample_bound(maps, scales, 7, 0, 224.0, 4)
+    gen = torch.Generator().manual_seed(h + w)
+    # Random boxes, log-uniform sides, inside the canvas.
+    k = 20000
+    bw = torch.exp(torch.rand(k, generator=gen) * torch.log(torch.tensor(float(w)))).clamp(max=w)
+    bh = torch.exp(torch.rand(k, generator=gen) * torch.log(torch.tensor(float(h)))).clamp(max=h)
+    x0 = torch.rand(k, generator=gen) * (w - bw)
+    y0 = torch.rand(k, generator=gen) * (h - bh)
+    boxes = [torch.stack([x0, y0, x0 + bw, y0 + bh], 1)]
+    # Boxes just below each level's area limit, with every aspect ratio the canvas allows.
+    for level in (2, 3, 4):
+        side = 224.0 * 2.0 ** (level - 3) * (1 - 1e-6)
+        for a in torch.linspace(1.0, min(w, side * side / 1.0), 400):
+            bwa = min(float(a), w)
+            bha = min(side * side / bwa, h)
+            boxes.append(torch.tensor([[0.0, 0.0, bwa, bha], [0.0, 0.0, bha, bwa]]).clamp(max=min(h, w) * 10))
+    boxes = torch.cat(boxes)
+    boxes = torch.minimum(boxes, torch.tensor([w, h, w, h], dtype=torch.float32))
+    boxes = torch.cat([boxes, torch.tensor([[0.0, 0.0, w, h], [0.0, 0.0, w, 1.0], [0.0, 0.0, 1.0, h]])])
+    levels = assign_boxes_to_levels(boxes, 2, 5)
+    rois = torch.cat([torch.zeros(len(boxes), 1), boxes], 1)
+    need = torch.zeros(len(boxes), dtype=torch.int64)
+    for i, s in enumerate(scales):
+        here = levels == i
+        need[here] = ops._needed_samples(
+            rois[here], torch.full((int(here.sum()),), s), (7, 7), 0, True
+        ).long()
+    assert int(need.max()) <= bound
+    whole_map = ops._map_bound([m[0] for m in maps], [m[1] for m in maps], (7, 7), 0)
+    assert bound * 4 <= whole_map or min(canvas) < 800
+    assert ops.fpn_sample_bound(maps, scales, 7, 2, 224.0, 4) == 4
+
+
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
 def test_multilevel_roi_align_equals_pooling_each_roi_on_its_level(sampling_ratio):
     gen = torch.Generator().manual_seed(sampling_ratio)

@@ -53,3 +53,19 @@ def test_gt_buckets_grow_without_cap():
 def test_bad_canvas_is_named(canvas, match):
     with pytest.raises(ValueError, match=match):
         _shapes(canvas)
+
+
+def test_gt_box_outside_its_image_is_named():
+    """Static mode's RoIAlign sample bound assumes boxes inside the image; the mapper clips them."""
+    s = _shapes([(64, 64)])
+    boxes = torch.tensor([[1.0, 2.0, 30.0, 40.0], [10.0, 10.0, 50.5, 20.0]])
+    item = {
+        "file_name": "a.jpg",
+        "image": torch.zeros(3, 48, 50, dtype=torch.uint8),
+        "targets": Targets(boxes, torch.zeros(2, dtype=torch.int64)),
+    }
+    with pytest.raises(ValueError, match=r"input 0 \(a.jpg\): gt box 1 .*leaves the 48x50 image"):
+        build_static_batch([item], s, torch.zeros(3, 1, 1), torch.ones(3, 1, 1), training=True)
+    item["targets"] = Targets(boxes.clamp(max=48.0), torch.zeros(2, dtype=torch.int64))
+    batch = build_static_batch([item], s, torch.zeros(3, 1, 1), torch.ones(3, 1, 1), training=True)
+    assert int(batch.gt_valid.sum()) == 2

@@ -83,6 +83,22 @@ class StaticBatch:
         return (n, h, w, g)
 
 
+def _check_inside(boxes: Tensor, h: int, w: int, k: int, item: dict[str, Any]) -> None:
+    """Static mode relies on gt boxes inside their image (the mapper clips them, as detectron2's
+    does): the RoIAlign sample bound (ops.fpn_sample_bound) assumes it."""
+    if boxes.numel() == 0:
+        return
+    b = boxes.detach().float().cpu()
+    bad = (b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > w) | (b[:, 3] > h)
+    if bool(bad.any()):
+        j = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"training input {k} ({item.get('file_name', 'no file_name')}): gt box {j} "
+            f"{[round(v, 2) for v in b[j].tolist()]} leaves the {h}x{w} image; MODEL.STATIC needs boxes "
+            "clipped to the image (the data mapper clips them)"
+        )
+
+
 def build_static_batch(
     batched_inputs: list[dict[str, Any]],
     shapes: StaticShapes,
@@ -124,8 +140,9 @@ def build_static_batch(
     use_polygons = all(with_masks) and not use_bitmasks
     masks = torch.zeros((n, g, ch, cw), dtype=torch.bool) if use_bitmasks else None
     polygons = [] if use_polygons else None
-    for k, t in enumerate(targets):
+    for k, (t, (h, w)) in enumerate(zip(targets, sizes)):
         m = len(t)
+        _check_inside(t.boxes, h, w, k, batched_inputs[k])
         boxes[k, :m] = t.boxes.float()
         classes[k, :m] = t.classes
         valid[k, :m] = True

@@ -187,6 +187,42 @@ def _map_bound(heights: Sequence[int], widths: Sequence[int], output_size, sampl
     return max(math.ceil(h / output_size[0]) * math.ceil(w / output_size[1]) for h, w in zip(heights, widths))
 
 
+def fpn_sample_bound(
+    map_sizes: Sequence[tuple[int, int]],
+    scales: Sequence[float],
+    output_size,
+    sampling_ratio: int,
+    canonical_box_size: float,
+    canonical_level: int,
+) -> int:
+    """Samples per bin that any RoI can need when it lies inside the image and went to its level by
+    ROIPooler's rule (poolers.assign_boxes_to_levels); map_sizes[i] (h, w) of level i.
+
+    A RoI on level l below the top has sqrt(area) < canonical_box_size * 2^(l + 1 - canonical_level),
+    so its extents (a, b) in feature pixels have a * b < that area * scale^2; it needs
+    ceil(b / ph) * ceil(a / pw) samples, and each extent is at most the map's. The top level takes
+    every larger RoI: its bound is the whole map's. Far below the whole-map bound on the lower
+    levels (p2 of a 1344x800 canvas: 48 instead of 1392), which is what the tensor RoIAlign pays.
+    """
+    ph, pw = _pair(output_size)
+    if sampling_ratio > 0:
+        return sampling_ratio * sampling_ratio
+    bound = 1
+    for i, ((h, w), scale) in enumerate(zip(map_sizes, scales)):
+        gy_max, gx_max = math.ceil(h / ph), math.ceil(w / pw)
+        if i == len(scales) - 1:
+            bound = max(bound, gy_max * gx_max)
+            continue
+        level = round(-math.log2(scale))
+        # 1e-3 of slack for the float arithmetic of the level rule and of the box scaling.
+        area = (canonical_box_size * 2.0 ** (level + 1 - canonical_level) * scale) ** 2 * (1 + 1e-3)
+        for gy in range(1, gy_max + 1):
+            # extents above ph * (gy - 1) and pw * (gx - 1) must fit in the area
+            gx = gx_max if gy == 1 else min(gx_max, math.ceil(area / (ph * (gy - 1) * pw)))
+            bound = max(bound, gy * gx)
+    return bound
+
+
 def _check_rois(rois: Tensor, what: str) -> None:
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(
@@ -458,5 +494,6 @@ __all__ = [
     "nms_fixed",
     "roi_align",
     "roi_align_tensor",
+    "fpn_sample_bound",
     "select_impl",
 ]

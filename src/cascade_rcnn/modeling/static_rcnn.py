@@ -19,6 +19,7 @@ from ..data.static_batch import StaticBatch
 from .box_regression import smooth_l1_loss
 from .cascade_heads import scale_gradient
 from .mask_head import rasterize_polygons_in_boxes
+from .ops import fpn_sample_bound
 from .poolers import assign_boxes_to_levels
 from .static_ops import batched_nms_fixed, multilevel_roi_align
 from .static_sampling import sampled_rows, subsample_masks
@@ -91,8 +92,18 @@ def _pool(pooler, feats: list[Tensor], boxes: Tensor, valid: Tensor) -> Tensor:
     dtype = feats[0].dtype
     if dtype != torch.float32:
         feats = [f.float() for f in feats]
+    # Every box here lies inside its image (proposals and stage outputs are clipped, gt is checked
+    # by build_static_batch), so the level rule bounds the samples a RoI needs.
+    bound = fpn_sample_bound(
+        [tuple(f.shape[2:]) for f in feats],
+        pooler.scales,
+        pooler.output_size,
+        pooler.sampling_ratio,
+        pooler.canonical_box_size,
+        pooler.canonical_level,
+    )
     out = multilevel_roi_align(
-        feats, rois, levels, pooler.output_size, pooler.scales, pooler.sampling_ratio, pooler.aligned
+        feats, rois, levels, pooler.output_size, pooler.scales, pooler.sampling_ratio, pooler.aligned, bound
     )
     return out.to(dtype)
 
