@@ -9,6 +9,10 @@ for a train step (forward + backward + SGD step at lr 0, so every variant sees t
 and for inference. Before timing, each (canvas, gt bucket) seen gets one untimed warm-up call of
 the compiled variants; recompiles_after_warmup counts graphs compiled after that.
 
+With --d2-python (the python of a venv holding ../shared/peers' detectron2), detectron2's own
+model is built from the same config (and --weights) in a peer process (bench/d2_peer.py) and
+timed on each batch right after ours, as a fourth variant; this process waits while it runs.
+
 The canvases are MODEL.STATIC.CANVAS when the config sets them, else a landscape and a portrait
 canvas just holding the largest resized image, and a square one for batches mixing both (not with
 --aspect-grouping). The model is freshly initialized unless --weights is given.
@@ -21,7 +25,9 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +73,60 @@ def synthetic_image(rng, cfg, num_objects: int, train: bool, landscape=None) -> 
     return item
 
 
+class Detectron2Peer:
+    """detectron2 in its own venv (bench/d2_peer.py), timing one call per request."""
+
+    def __init__(self, python: str, config: str, weights, device: str, threads: int, opts: list[str]):
+        # MODEL.STATIC is ours; detectron2 gets the rest, and bitmask targets like our batches.
+        d2_opts, i = [], 0
+        while i < len(opts):
+            if not opts[i].startswith("MODEL.STATIC."):
+                d2_opts += opts[i : i + 2]
+            i += 2
+        cmd = [python, str(Path(__file__).with_name("d2_peer.py")), "--config", config, "--device", device]
+        cmd += ["--threads", str(threads)] + (["--weights", weights] if weights else [])
+        cmd += ["INPUT.MASK_FORMAT", "bitmask", *d2_opts]
+        env = {**os.environ, "PYTHONPATH": ""}
+        self.tmp = tempfile.TemporaryDirectory(prefix="d2peer-")
+        self.log = open(os.path.join(self.tmp.name, "stderr.log"), "w+")  # its warnings stay out of ours
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env
+        )
+        ready = self._read()
+        self.version = ready.get("detectron2")
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                msg = json.loads(line)
+                if "error" in msg:
+                    raise RuntimeError(f"detectron2 peer: {msg['error']}\n{msg.get('trace', '')}")
+                return msg
+        self.log.seek(0)
+        tail = self.log.read()[-4000:]
+        raise RuntimeError(f"detectron2 peer exited with {self.proc.wait()}; its stderr ends:\n{tail}")
+
+    def time(self, op: str, inputs: list[dict]) -> float:
+        batch = []
+        for item in inputs:
+            row = {"image": item["image"], "height": item["height"], "width": item["width"]}
+            if "targets" in item:
+                t = item["targets"]
+                row.update(boxes=t.boxes, classes=t.classes, masks=t.masks)
+            batch.append(row)
+        path = os.path.join(self.tmp.name, "batch.pt")
+        torch.save(batch, path)
+        self.proc.stdin.write(json.dumps({"op": op, "path": path}) + "\n")
+        self.proc.stdin.flush()
+        return float(self._read()["s"])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.log.close()
+        self.tmp.cleanup()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
@@ -81,6 +141,15 @@ def main(argv=None) -> int:
         action="store_true",
         help="each batch all landscape or all portrait (detectron2's default grouping); no square canvas",
     )
+    p.add_argument(
+        "--landscape",
+        action="store_true",
+        help="every batch landscape: one canvas, one graph per gt bucket (the full config's compile is long)",
+    )
+    p.add_argument(
+        "--d2-python",
+        help="python of a venv with ../shared/peers' detectron2: time detectron2 on the same batches",
+    )
     p.add_argument("opts", nargs="*", help="KEY VALUE config overrides")
     args = p.parse_args(argv)
 
@@ -88,7 +157,12 @@ def main(argv=None) -> int:
     if not cfg.MODEL.STATIC.CANVAS:
         s = _round_up(max(cfg.INPUT.MIN_SIZE_TRAIN), 32)
         m = _round_up(cfg.INPUT.MAX_SIZE_TRAIN, 32)
-        cfg.MODEL.STATIC.CANVAS = [(s, m), (m, s)] if args.aspect_grouping else [(s, m), (m, s), (m, m)]
+        if args.landscape:
+            cfg.MODEL.STATIC.CANVAS = [(s, m)]
+        elif args.aspect_grouping:
+            cfg.MODEL.STATIC.CANVAS = [(s, m), (m, s)]
+        else:
+            cfg.MODEL.STATIC.CANVAS = [(s, m), (m, s), (m, m)]
     cfg.MODEL.STATIC.ENABLED = True
     cfg.INPUT.MASK_FORMAT = "bitmask"
     torch.manual_seed(args.seed)
@@ -140,7 +214,7 @@ def main(argv=None) -> int:
     batches = []
     for _ in range(args.iters):
         counts = [int(v) for v in rng.integers(0, 61, args.batch)]
-        side = bool(rng.integers(2)) if args.aspect_grouping else None
+        side = True if args.landscape else bool(rng.integers(2)) if args.aspect_grouping else None
         train_in = [synthetic_image(rng, cfg, n, True, side) for n in counts]
         test_in = [synthetic_image(rng, cfg, 0, False, side) for _ in range(args.batch)]
         batches.append((train_in, test_in))
@@ -161,9 +235,17 @@ def main(argv=None) -> int:
     train_step("eager_dynamic", batches[0][0])
     train_step("eager_static", batches[0][0])
     warm_graphs = counters["stats"]["unique_graphs"]
+    peer = None
+    if args.d2_python:
+        peer = Detectron2Peer(
+            args.d2_python, args.config, args.weights, args.device, torch.get_num_threads(), args.opts
+        )
+        peer.time("train", batches[0][0])
+        peer.time("infer", batches[0][1])
 
     variants = ("eager_dynamic", "eager_static", "compiled_static")
-    times = {f"{v}_{k}": [] for v in variants for k in ("train_step_s", "inference_s")}
+    names = variants + (("detectron2",) if peer else ())
+    times = {f"{v}_{k}": [] for v in names for k in ("train_step_s", "inference_s")}
     for train_in, test_in in batches:
         for v in variants:
             sync()
@@ -171,12 +253,31 @@ def main(argv=None) -> int:
             train_step(v, train_in)
             sync()
             times[f"{v}_train_step_s"].append(time.perf_counter() - t)
+        if peer:
+            times["detectron2_train_step_s"].append(peer.time("train", train_in))
         for v in variants:
             sync()
             t = time.perf_counter()
             infer(v, test_in)
             sync()
             times[f"{v}_inference_s"].append(time.perf_counter() - t)
+        if peer:
+            times["detectron2_inference_s"].append(peer.time("infer", test_in))
+    if peer:
+        peer.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {}
+    for kind in ("train_step_s", "inference_s"):
+        base = med[f"eager_dynamic_{kind}"]
+        ratios[f"compiled_static_vs_eager_dynamic_{kind[:-2]}"] = round(
+            med[f"compiled_static_{kind}"] / base, 3
+        )
+        if peer:
+            d2 = med[f"detectron2_{kind}"]
+            ratios[f"compiled_static_vs_detectron2_{kind[:-2]}"] = round(
+                med[f"compiled_static_{kind}"] / d2, 3
+            )
+            ratios[f"eager_dynamic_vs_detectron2_{kind[:-2]}"] = round(base / d2, 3)
     out = {
         "config": args.config,
         "device": str(device),
@@ -186,13 +287,16 @@ def main(argv=None) -> int:
         "weights": args.weights or "fresh",
         "threads": torch.get_num_threads(),
         "aspect_grouping": args.aspect_grouping,
+        "landscape": args.landscape,
         "canvases": [list(c) for c in static_shapes.canvases],
         "graph_breaks": sum(counters["graph_break"].values()),
         "recompiles_after_warmup": counters["stats"]["unique_graphs"] - warm_graphs,
         "distinct_shapes": len(train_keys) + len(test_keys),
         "train_shapes": [list(k) for k in train_keys],
         "compile_warmup_s": round(compile_s, 1),
-        **{k: round(statistics.median(v), 4) for k, v in times.items()},
+        "detectron2": peer.version if peer else None,
+        **{k: round(v, 4) for k, v in med.items()},
+        **ratios,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(out))
