@@ -69,3 +69,36 @@ def test_gt_box_outside_its_image_is_named():
     item["targets"] = Targets(boxes.clamp(max=48.0), torch.zeros(2, dtype=torch.int64))
     batch = build_static_batch([item], s, torch.zeros(3, 1, 1), torch.ones(3, 1, 1), training=True)
     assert int(batch.gt_valid.sum()) == 2
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        (["MODEL.STATIC.COMPILE", "inductor"], "needs MODEL.STATIC.ENABLED True"),
+        (
+            ["MODEL.STATIC.ENABLED", "True", "MODEL.STATIC.COMPILE", "inductor"],
+            "needs INPUT.MASK_FORMAT bitmask",
+        ),
+        (
+            [
+                "MODEL.STATIC.ENABLED",
+                "True",
+                "INPUT.MASK_FORMAT",
+                "bitmask",
+                "MODEL.STATIC.COMPILE",
+                "inductr",
+            ],
+            "'inductr' is not a torch.compile backend",
+        ),
+    ],
+)
+def test_bad_static_compile_is_named(opts, match):
+    from pathlib import Path
+
+    from cascade_rcnn.config import load_config
+    from cascade_rcnn.modeling import build_model
+
+    config = Path(__file__).resolve().parents[1] / "configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml"
+    cfg = load_config(str(config), ["MODEL.DEVICE", "cpu", "MODEL.STATIC.CANVAS", "((64, 64),)", *opts])
+    with pytest.raises(ValueError, match=match):
+        build_model(cfg)

@@ -195,8 +195,10 @@ def _defaults() -> dict:
             },
             # ours: static-shape mode (modeling/static_rcnn.py). CANVAS lists the fixed (H, W) canvases;
             # each batch goes onto the smallest that holds it. Ground truth is padded to the smallest
-            # GT_BUCKET_MIN * 2^k rows that hold every image's boxes (never cut).
-            "STATIC": {"ENABLED": False, "CANVAS": [], "GT_BUCKET_MIN": 16},
+            # GT_BUCKET_MIN * 2^k rows that hold every image's boxes (never cut). COMPILE names a
+            # torch.compile backend ("inductor") that runs the static train step and inference as one
+            # graph each (fullgraph, static shapes); "" runs them eagerly.
+            "STATIC": {"ENABLED": False, "CANVAS": [], "GT_BUCKET_MIN": 16, "COMPILE": ""},
         },
         "INPUT": {
             "MIN_SIZE_TRAIN": (800,),

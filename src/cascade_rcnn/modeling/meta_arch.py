@@ -15,7 +15,13 @@ from .cascade_heads import CascadeROIHeads
 from .fpn import FPN
 from .postprocess import detector_postprocess
 from .rpn import RPN
-from .static_rcnn import inference_padded, train_losses, unpad_detections
+from .static_rcnn import (
+    compile_inference,
+    compile_train_losses,
+    inference_padded,
+    train_losses,
+    unpad_detections,
+)
 
 
 def pad_and_batch(images: list[Tensor], size_divisibility: int, pad_value: float = 0.0) -> Tensor:
@@ -51,6 +57,7 @@ class CascadeMaskRCNN(nn.Module):
         pixel_std: tuple[float, ...],
         input_format: str = "BGR",
         static: Optional[StaticShapes] = None,
+        static_compile: str = "",
     ):
         super().__init__()
         self.backbone = backbone
@@ -66,6 +73,8 @@ class CascadeMaskRCNN(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.input_format = input_format
         self.static = static  # MODEL.STATIC: fixed canvases and padded rows (static_rcnn.py)
+        self.static_compile = static_compile  # MODEL.STATIC.COMPILE: a torch.compile backend or ""
+        self._compiled: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, cfg) -> CascadeMaskRCNN:
@@ -92,6 +101,7 @@ class CascadeMaskRCNN(nn.Module):
             static=StaticShapes.from_config(cfg, backbone.size_divisibility)
             if cfg.MODEL.STATIC.ENABLED
             else None,
+            static_compile=_static_compile_backend(cfg),
         )
 
     @property
@@ -122,7 +132,10 @@ class CascadeMaskRCNN(nn.Module):
         if not self.training:
             return self.inference(batched_inputs)
         if self.static is not None:
-            return train_losses(self, self.static_batch(batched_inputs))
+            batch = self.static_batch(batched_inputs)
+            if self.static_compile:
+                return self._compiled_fn("train")(batch)
+            return train_losses(self, batch)
         targets = []
         for i, x in enumerate(batched_inputs):
             if "targets" not in x:
@@ -135,6 +148,14 @@ class CascadeMaskRCNN(nn.Module):
         proposals, losses = self.proposal_generator(features, sizes, targets)
         detector_losses = self.roi_heads.losses(features, proposals, sizes, targets)
         return {**detector_losses, **losses}
+
+    def _compiled_fn(self, kind: str):
+        """The compiled static step ("train") or inference, built once; each (canvas, gt bucket)
+        compiles on first use and is reused after."""
+        if kind not in self._compiled:
+            make = compile_train_losses if kind == "train" else compile_inference
+            self._compiled[kind] = make(self, backend=self.static_compile)
+        return self._compiled[kind]
 
     def static_batch(self, batched_inputs: list[dict[str, Any]]):
         """The batch on its MODEL.STATIC canvas, ground truth padded (training mode)."""
@@ -164,7 +185,10 @@ class CascadeMaskRCNN(nn.Module):
 
     def _static_inference(self, batched_inputs: list[dict[str, Any]]) -> list[Detections]:
         batch = self.static_batch(batched_inputs)
-        padded = inference_padded(self, batch.images, batch.image_sizes)
+        if self.static_compile:
+            padded = self._compiled_fn("inference")(batch.images, batch.image_sizes)
+        else:
+            padded = inference_padded(self, batch.images, batch.image_sizes)
         out = []
         for i, x in enumerate(batched_inputs):
             size = tuple(int(v) for v in x["image"].shape[-2:])
@@ -184,3 +208,24 @@ def build_model(cfg, device: Optional[str | torch.device] = None) -> CascadeMask
     if not isinstance(device, torch.device):
         device = resolve_device(str(cfg.MODEL.DEVICE if device is None else device))
     return CascadeMaskRCNN.from_config(cfg).to(device)
+
+
+def _static_compile_backend(cfg) -> str:
+    """MODEL.STATIC.COMPILE, checked: a registered torch.compile backend, with static mode on and,
+    with masks, loader-rasterized bitmask targets (polygons are rasterized on the host)."""
+    backend = str(cfg.MODEL.STATIC.COMPILE or "")
+    if not backend:
+        return ""
+    if not cfg.MODEL.STATIC.ENABLED:
+        raise ValueError(f"MODEL.STATIC.COMPILE {backend!r} needs MODEL.STATIC.ENABLED True")
+    if cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT != "bitmask":
+        raise ValueError(
+            f"MODEL.STATIC.COMPILE {backend!r} needs INPUT.MASK_FORMAT bitmask (got "
+            f"{cfg.INPUT.MASK_FORMAT!r}): polygon mask targets are rasterized on the host, outside a graph"
+        )
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"MODEL.STATIC.COMPILE {backend!r} is not a torch.compile backend; known: {known}")
+    return backend
