@@ -142,6 +142,11 @@ def main(argv=None) -> int:
         help="each batch all landscape or all portrait (detectron2's default grouping); no square canvas",
     )
     p.add_argument(
+        "--size-buckets",
+        action="store_true",
+        help="a canvas per short side of INPUT.MIN_SIZE_TRAIN / MIN_SIZE_TEST and orientation, not one per orientation",
+    )
+    p.add_argument(
         "--landscape",
         action="store_true",
         help="every batch landscape: one canvas, one graph per gt bucket (the full config's compile is long)",
@@ -152,12 +157,21 @@ def main(argv=None) -> int:
     )
     p.add_argument("opts", nargs="*", help="KEY VALUE config overrides")
     args = p.parse_args(argv)
+    if args.size_buckets and not (args.aspect_grouping or args.landscape):
+        p.error(
+            "--size-buckets has no canvas for batches mixing orientations: add --aspect-grouping or --landscape"
+        )
 
     cfg = load_config(args.config, ["MODEL.DEVICE", args.device, *args.opts])
     if not cfg.MODEL.STATIC.CANVAS:
         s = _round_up(max(cfg.INPUT.MIN_SIZE_TRAIN), 32)
         m = _round_up(cfg.INPUT.MAX_SIZE_TRAIN, 32)
-        if args.landscape:
+        shorts = sorted({_round_up(v, 32) for v in (*cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TEST)})
+        if args.size_buckets:
+            cfg.MODEL.STATIC.CANVAS = [(v, m) for v in shorts]
+            if not args.landscape:
+                cfg.MODEL.STATIC.CANVAS += [(m, v) for v in shorts]
+        elif args.landscape:
             cfg.MODEL.STATIC.CANVAS = [(s, m)]
         elif args.aspect_grouping:
             cfg.MODEL.STATIC.CANVAS = [(s, m), (m, s)]
@@ -288,6 +302,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "aspect_grouping": args.aspect_grouping,
         "landscape": args.landscape,
+        "size_buckets": args.size_buckets,
         "canvases": [list(c) for c in static_shapes.canvases],
         "graph_breaks": sum(counters["graph_break"].values()),
         "recompiles_after_warmup": counters["stats"]["unique_graphs"] - warm_graphs,
