@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
@@ -22,6 +23,8 @@ from .static_rcnn import (
     train_losses,
     unpad_detections,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def pad_and_batch(images: list[Tensor], size_divisibility: int, pad_value: float = 0.0) -> Tensor:
@@ -153,6 +156,12 @@ class CascadeMaskRCNN(nn.Module):
         """The compiled static step ("train") or inference, built once; each (canvas, gt bucket)
         compiles on first use and is reused after."""
         if kind not in self._compiled:
+            logger.info(
+                "MODEL.STATIC.COMPILE %r: the static %s runs as a compiled graph; each canvas and gt bucket "
+                "compiles on its first batch (minutes on CPU)",
+                self.static_compile,
+                "train step" if kind == "train" else "inference",
+            )
             make = compile_train_losses if kind == "train" else compile_inference
             self._compiled[kind] = make(self, backend=self.static_compile)
         return self._compiled[kind]
