@@ -188,6 +188,31 @@ def test_nms_fixed_batch_dimension_is_per_image():
         )
 
 
+def test_classwise_nms_equals_batched_nms_over_all_candidates(monkeypatch):
+    """Static inference's final NMS (class-agnostic boxes scored per class) on the tensor path: one
+    P x P problem per class, in class chunks, gives torchvision's batched_nms over all P * K
+    candidates, in its order, ties across classes included."""
+    gen = torch.Generator().manual_seed(4)
+    monkeypatch.setattr(ops, "_NMS_CHUNK_ELEMENTS", 3 * 2 * 60 * 60)  # several chunks, one ragged
+    for case in range(12):
+        b, p, k = 2, [1, 9, 60][case % 3], [1, 4, 7][case % 3]
+        boxes = torch.stack([_nms_case(gen, p)[0] for _ in range(b)])
+        scores = torch.randint(0, 6, (b, p, k), generator=gen).float() / 5  # ties within and across classes
+        valid = (torch.rand(b, p, k, generator=gen) < 0.7) & (scores > 0.05)
+        max_out = [3, 40, 500][case % 3]
+        thr = [0.5, 0.3, 0.7][case % 3]
+        keep, keep_valid = ops.classwise_nms_fixed(boxes, scores, valid, thr, max_out)
+        assert keep.shape == keep_valid.shape == (b, max_out)
+        cand = boxes[:, :, None, :].expand(b, p, k, 4).reshape(b, p * k, 4)
+        classes = torch.arange(k).repeat(p)
+        for i in range(b):
+            expected = _reference(cand[i], scores[i].reshape(-1), valid[i].reshape(-1), thr, max_out, classes)
+            assert torch.equal(keep[i][keep_valid[i]], expected), case
+            assert not bool(keep_valid[i, expected.numel() :].any())
+    with pytest.raises(ValueError, match="classwise_nms"):
+        ops.classwise_nms_fixed(boxes[:, :, :3], scores, valid, 0.5, 4)
+
+
 def test_dynamic_entries_match_torchvision_on_the_tensor_path():
     gen = torch.Generator().manual_seed(2)
     for _ in range(20):

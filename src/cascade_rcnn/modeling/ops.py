@@ -463,6 +463,56 @@ def batched_nms_fixed(
     return _nms_fixed(boxes, scores, idxs, valid, iou_threshold, max_out)
 
 
+# IoU entries per chunk of classwise_nms_fixed (each a few float32 temporaries).
+_NMS_CHUNK_ELEMENTS = 1 << 26
+
+
+def classwise_nms_fixed(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float, max_out: int):
+    """batched_nms_fixed over class-agnostic boxes (B, P, 4) scored per class (B, P, K), with
+    candidate j = p * K + k (box p, class k) and valid (B, P, K).
+
+    The same result as batched_nms_fixed on the flattened (B, P * K) candidates, but each class is
+    its own P x P problem: boxes of different classes never suppress each other, so nothing is lost,
+    and the memory is K * P^2 instead of (K * P)^2 (COCO: 80 x 1000 candidates per image would need
+    an 80000 x 80000 matrix). Returns keep (B, max_out) indices into P * K and keep_valid.
+    """
+    b, p, k = scores.shape
+    if boxes.shape != (b, p, 4) or valid.shape != scores.shape:
+        raise ValueError(
+            f"classwise_nms: boxes (B, P, 4), scores and valid (B, P, K), got {tuple(boxes.shape)}, "
+            f"{tuple(scores.shape)}, {tuple(valid.shape)}"
+        )
+    per_class = []
+    chunk = max(1, _NMS_CHUNK_ELEMENTS // max(1, b * p * p))
+    for c0 in range(0, k, chunk):
+        c1 = min(k, c0 + chunk)
+        kk = c1 - c0
+        keep, keep_valid = _nms_fixed(
+            boxes[:, None].expand(b, kk, p, 4),
+            scores[:, :, c0:c1].transpose(1, 2),
+            None,
+            valid[:, :, c0:c1].transpose(1, 2),
+            iou_threshold,
+            p,
+        )
+        # Back to a (B, kk, P) mask of kept boxes.
+        kept = torch.zeros((b, kk, p), dtype=torch.int32, device=boxes.device)
+        kept = kept.scatter_add(2, keep, keep_valid.to(torch.int32))
+        per_class.append(kept > 0)
+    kept = torch.cat(per_class, dim=1).transpose(1, 2).reshape(b, p * k)
+    flat = scores.reshape(b, p * k)
+    # As _nms_fixed orders its output: descending score, candidate index among ties.
+    order = torch.sort(flat, dim=1, descending=True, stable=True)[1]
+    pos = torch.sort((~kept.gather(1, order)).to(torch.uint8), dim=1, stable=True)[1]
+    kept_idx = order.gather(1, pos)
+    n = p * k
+    if max_out > n:
+        kept_idx = torch.cat([kept_idx, kept_idx.new_zeros(b, max_out - n)], dim=1)
+    kept_idx = kept_idx[:, :max_out]
+    keep_valid = torch.arange(max_out, device=boxes.device)[None, :] < kept.sum(dim=1, keepdim=True)
+    return torch.where(keep_valid, kept_idx, 0), keep_valid
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, impl: str = "auto") -> Tensor:
     """torchvision.ops.nms semantics; the implementation follows the boxes' device."""
     if select_impl(boxes.device.type, impl) == "tensor":
@@ -488,6 +538,7 @@ def batched_nms(
 __all__ = [
     "batched_nms",
     "batched_nms_fixed",
+    "classwise_nms_fixed",
     "dispatch_as",
     "multilevel_roi_align",
     "nms",

@@ -172,3 +172,18 @@ def batched_nms_fixed(
     if not _torchvision(boxes):
         return ops.batched_nms_fixed(boxes, scores, idxs, valid, iou_threshold, max_out)
     return _batched_nms_padded(boxes, scores, idxs, valid, float(iou_threshold), int(max_out))
+
+
+def classwise_nms_fixed(
+    boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float, max_out: int
+) -> tuple[Tensor, Tensor]:
+    """Per-class NMS of (N, P, 4) class-agnostic boxes scored (N, P, K): keep (N, max_out) indices into
+    the P * K candidates (p * K + k) by descending score, keep_valid (N, max_out)."""
+    if not _torchvision(boxes):
+        return ops.classwise_nms_fixed(boxes, scores, valid, iou_threshold, max_out)
+    n, p, k = scores.shape
+    cand = boxes[:, :, None, :].expand(n, p, k, 4).reshape(n, p * k, 4)
+    classes = torch.arange(k, device=boxes.device).repeat(p).expand(n, -1)
+    return batched_nms_fixed(
+        cand, scores.reshape(n, p * k), classes, valid.reshape(n, p * k), iou_threshold, max_out
+    )

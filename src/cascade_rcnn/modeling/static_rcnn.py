@@ -21,7 +21,7 @@ from .cascade_heads import scale_gradient
 from .mask_head import rasterize_polygons_in_boxes
 from .ops import fpn_sample_bound
 from .poolers import assign_boxes_to_levels
-from .static_ops import batched_nms_fixed, multilevel_roi_align
+from .static_ops import batched_nms_fixed, classwise_nms_fixed, multilevel_roi_align
 from .static_sampling import sampled_rows, subsample_masks
 
 _UNIT_BOX = (0.0, 0.0, 1.0, 1.0)
@@ -361,13 +361,8 @@ def inference_padded(model, images: Tensor, image_sizes: Tensor) -> dict[str, Te
     cand_scores = cls_scores.reshape(n, p * k)
     cand_classes = torch.arange(k, device=boxes.device).repeat(p)
     top = heads.test_topk_per_image if heads.test_topk_per_image >= 0 else p * k
-    keep, keep_valid = batched_nms_fixed(
-        cand_boxes,
-        cand_scores,
-        cand_classes.expand(n, -1),
-        cand_valid.reshape(n, p * k),
-        heads.test_nms_thresh,
-        min(top, p * k),
+    keep, keep_valid = classwise_nms_fixed(
+        pred, cls_scores, cand_valid, heads.test_nms_thresh, min(top, p * k)
     )
     out = {
         "boxes": _gather_rows(cand_boxes, keep),
