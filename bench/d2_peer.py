@@ -13,6 +13,7 @@ lives in a venv of its own (../shared/peers/README.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -30,7 +31,10 @@ def _build(args):
     cfg.merge_from_list(["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "", *args.opts])
     torch.manual_seed(args.seed)
     model = build_model(cfg)
-    if args.weights:
+    if args.weights and args.weights.endswith(".pth"):
+        # Our model's own state dict (detectron2's names): every key must match.
+        model.load_state_dict(torch.load(args.weights, weights_only=True)["model"], strict=True)
+    elif args.weights:
         DetectionCheckpointer(model).load(args.weights)
     return cfg, model
 
@@ -51,10 +55,13 @@ def _instances(item, device):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--weights")
+    p.add_argument(
+        "--weights", help="a detectron2 checkpoint, or a .pth of {'model': state dict} loaded strictly"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp-dtype", choices=("bfloat16", "float16"), help="autocast the step, as ours")
     p.add_argument("opts", nargs="*")
     args = p.parse_args(argv)
 
@@ -65,6 +72,11 @@ def main(argv=None) -> int:
     cfg, model = _build(args)
     device = torch.device(args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def autocast():
+        if not args.amp_dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype))
 
     def sync():
         if device.type == "cuda":
@@ -93,7 +105,8 @@ def main(argv=None) -> int:
                 model.train()
                 sync()
                 t = time.perf_counter()
-                losses = model(inputs)
+                with autocast():
+                    losses = model(inputs)
                 optimizer.zero_grad(set_to_none=True)
                 sum(losses.values()).backward()
                 optimizer.step()
@@ -103,7 +116,7 @@ def main(argv=None) -> int:
                 model.eval()
                 sync()
                 t = time.perf_counter()
-                with torch.no_grad():
+                with torch.no_grad(), autocast():
                     model(inputs)
                 sync()
             else:

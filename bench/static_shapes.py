@@ -76,7 +76,9 @@ def synthetic_image(rng, cfg, num_objects: int, train: bool, landscape=None) -> 
 class Detectron2Peer:
     """detectron2 in its own venv (bench/d2_peer.py), timing one call per request."""
 
-    def __init__(self, python: str, config: str, weights, device: str, threads: int, opts: list[str]):
+    def __init__(
+        self, python: str, config: str, weights, device: str, threads: int, opts: list[str], amp_dtype=None
+    ):
         # MODEL.STATIC is ours; detectron2 gets the rest, and bitmask targets like our batches.
         d2_opts, i = [], 0
         while i < len(opts):
@@ -85,6 +87,7 @@ class Detectron2Peer:
             i += 2
         cmd = [python, str(Path(__file__).with_name("d2_peer.py")), "--config", config, "--device", device]
         cmd += ["--threads", str(threads)] + (["--weights", weights] if weights else [])
+        cmd += ["--amp-dtype", amp_dtype] if amp_dtype else []
         cmd += ["INPUT.MASK_FORMAT", "bitmask", *d2_opts]
         env = {**os.environ, "PYTHONPATH": ""}
         self.tmp = tempfile.TemporaryDirectory(prefix="d2peer-")
@@ -127,19 +130,75 @@ class Detectron2Peer:
         self.tmp.cleanup()
 
 
+@torch.no_grad()
+def calibrate_frozen_bn(model, images: list[dict]) -> None:
+    """Set every FrozenBatchNorm2d's statistics from one forward of `images`, in forward order, so
+    each layer's output is normalized given the layers before it: a stand-in for pretrained
+    weights. A freshly initialized ResNet's activations grow layer by layer; its RPN then keeps few
+    valid proposals and dynamic mode does almost no RoI-head work, which no trained model does."""
+    from cascade_rcnn.modeling.layers import FrozenBatchNorm2d
+
+    def pre_hook(mod, inputs):
+        x = inputs[0].float()
+        mod.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        mod.running_var.copy_(x.var(dim=(0, 2, 3)))
+        mod.weight.fill_(1.0)
+        mod.bias.zero_()
+
+    handles = [
+        m.register_forward_pre_hook(pre_hook) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)
+    ]
+    try:
+        was_training, static = model.training, model.static
+        model.eval()
+        model.static = None
+        images_t, _ = model.preprocess(images)
+        model.backbone(images_t)
+        model.train(was_training)
+        model.static = static
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def count_head_rows(model, inputs) -> dict:
+    """RoI rows the box heads (per stage) and the mask head see in one train forward."""
+    rows = []
+    heads = list(model.roi_heads.box_head) + (
+        [model.roi_heads.mask_head] if model.roi_heads.mask_head else []
+    )
+    handles = [h.register_forward_hook(lambda m, i, o: rows.append(int(i[0].shape[0]))) for h in heads]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        "box_rows_per_stage": rows[: len(model.roi_heads.box_head)],
+        "mask_rows": rows[len(model.roi_heads.box_head) :],
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on cpu, float16 elsewhere)")
+    p.add_argument("--amp", action="store_true", help="autocast, --amp-dtype (detectron2's step too)")
+    p.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", help="weights to load (default: fresh initialization)")
     p.add_argument(
         "--aspect-grouping",
         action="store_true",
         help="each batch all landscape or all portrait (detectron2's default grouping); no square canvas",
+    )
+    p.add_argument(
+        "--calibrate-bn",
+        action="store_true",
+        help="fresh weights with FrozenBN statistics set from one batch (see calibrate_frozen_bn)",
     )
     p.add_argument(
         "--size-buckets",
@@ -188,7 +247,7 @@ def main(argv=None) -> int:
     static_shapes = model.static
     device = model.device
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    amp_dtype = getattr(torch, args.amp_dtype)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else contextlib.nullcontext
 
     from torch._dynamo.utils import counters
@@ -232,6 +291,13 @@ def main(argv=None) -> int:
         train_in = [synthetic_image(rng, cfg, n, True, side) for n in counts]
         test_in = [synthetic_image(rng, cfg, 0, False, side) for _ in range(args.batch)]
         batches.append((train_in, test_in))
+    if args.calibrate_bn:
+        calibrate_frozen_bn(model, batches[0][0])
+    model.train()
+    model.static = None
+    rows_dynamic = count_head_rows(model, batches[0][0])
+    model.static = static_shapes
+    rows_static = count_head_rows(model, batches[0][0])
     # Warm-up: one compiled call per distinct static shape (and one eager call of each kind).
     model.train()
     train_keys, test_keys = {}, {}
@@ -251,8 +317,18 @@ def main(argv=None) -> int:
     warm_graphs = counters["stats"]["unique_graphs"]
     peer = None
     if args.d2_python:
+        peer_weights = args.weights
+        if args.calibrate_bn:  # detectron2 gets the same calibrated weights
+            peer_weights = os.path.join(tempfile.mkdtemp(prefix="calibrated-"), "model.pth")
+            torch.save({"model": model.state_dict()}, peer_weights)
         peer = Detectron2Peer(
-            args.d2_python, args.config, args.weights, args.device, torch.get_num_threads(), args.opts
+            args.d2_python,
+            args.config,
+            peer_weights,
+            args.device,
+            torch.get_num_threads(),
+            args.opts,
+            args.amp_dtype if args.amp else None,
         )
         peer.time("train", batches[0][0])
         peer.time("infer", batches[0][1])
@@ -295,7 +371,7 @@ def main(argv=None) -> int:
     out = {
         "config": args.config,
         "device": str(device),
-        "amp": args.amp,
+        "amp": args.amp_dtype if args.amp else False,
         "batch": args.batch,
         "iters": args.iters,
         "weights": args.weights or "fresh",
@@ -303,6 +379,8 @@ def main(argv=None) -> int:
         "aspect_grouping": args.aspect_grouping,
         "landscape": args.landscape,
         "size_buckets": args.size_buckets,
+        "calibrate_bn": args.calibrate_bn,
+        "first_batch_rows": {"eager_dynamic": rows_dynamic, "static": rows_static},
         "canvases": [list(c) for c in static_shapes.canvases],
         "graph_breaks": sum(counters["graph_break"].values()),
         "recompiles_after_warmup": counters["stats"]["unique_graphs"] - warm_graphs,
