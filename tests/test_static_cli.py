@@ -93,5 +93,7 @@ def test_compiled_static_training_matches_eager_static(tmp_path):
     assert last_e["iteration"] == last_c["iteration"] == 2
     losses = [k for k in last_e if k.startswith("loss_")]
     assert len(losses) == 9
+    # Measured: identical in 3 runs (aot_eager runs the same aten kernels); 1e-5 leaves room for a
+    # decomposition's summation order.
     for k in losses:
-        assert abs(last_c[k] - last_e[k]) <= 1e-3 * abs(last_e[k]) + 1e-6, (k, last_c[k], last_e[k])
+        assert abs(last_c[k] - last_e[k]) <= 1e-5 * abs(last_e[k]) + 1e-7, (k, last_c[k], last_e[k])
