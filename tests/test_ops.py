@@ -93,10 +93,10 @@ def test_fpn_sample_bound_covers_every_box_inside_the_image(canvas):
     # Boxes just below each level's area limit, with every aspect ratio the canvas allows.
     for level in (2, 3, 4):
         side = 224.0 * 2.0 ** (level - 3) * (1 - 1e-6)
-        for a in torch.linspace(1.0, min(w, side * side / 1.0), 400):
+        for a in torch.linspace(1.0, min(w, side * side), 400):
             bwa = min(float(a), w)
             bha = min(side * side / bwa, h)
-            boxes.append(torch.tensor([[0.0, 0.0, bwa, bha], [0.0, 0.0, bha, bwa]]).clamp(max=min(h, w) * 10))
+            boxes.append(torch.tensor([[0.0, 0.0, bwa, bha], [0.0, 0.0, bha, bwa]]))
     boxes = torch.cat(boxes)
     boxes = torch.minimum(boxes, torch.tensor([w, h, w, h], dtype=torch.float32))
     boxes = torch.cat([boxes, torch.tensor([[0.0, 0.0, w, h], [0.0, 0.0, w, 1.0], [0.0, 0.0, 1.0, h]])])
@@ -108,9 +108,9 @@ def test_fpn_sample_bound_covers_every_box_inside_the_image(canvas):
         need[here] = ops._needed_samples(
             rois[here], torch.full((int(here.sum()),), s), (7, 7), 0, True
         ).long()
-    assert int(need.max()) <= bound
+    assert int(need.max()) == bound  # holds, and is tight: some box needs all of it
     whole_map = ops._map_bound([m[0] for m in maps], [m[1] for m in maps], (7, 7), 0)
-    assert bound * 4 <= whole_map or min(canvas) < 800
+    assert bound * 4 <= whole_map
     assert ops.fpn_sample_bound(maps, scales, 7, 2, 224.0, 4) == 4
 
 
