@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cascade_rcnn.engine.distributed import DistInfo
+from cascade_rcnn.comm import DistInfo
 from cascade_rcnn.engine.launch import build_parser, job_from_args
 from cascade_rcnn.engine.run import batch_per_device
 

@@ -11,7 +11,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from ..engine.distributed import unwrap
+from ..comm import unwrap
 from .errors import CheckpointError
 from .formats import WeightsFile, load_weights, to_tensor
 from .names import align_by_suffix

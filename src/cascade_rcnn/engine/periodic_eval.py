@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import storage
-from .distributed import broadcast_object, unwrap
+from ..comm import broadcast_object, unwrap
 
 log = logging.getLogger(__name__)
 

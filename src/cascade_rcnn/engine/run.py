@@ -14,9 +14,7 @@ from torch import nn
 
 from .. import storage
 from ..accel import Accelerator, accelerator_from_cfg
-from ..logs import setup_training_logging
-from .checkpointer import FINAL, Checkpointer, restore_rng
-from .distributed import (
+from ..comm import (
     DistInfo,
     broadcast_object,
     destroy_process_group,
@@ -24,6 +22,8 @@ from .distributed import (
     seed_all,
     shared_seed,
 )
+from ..logs import setup_training_logging
+from .checkpointer import FINAL, Checkpointer, restore_rng
 from .metrics import MetricsWriter, is_eval_row
 from .periodic_eval import TrainingEvaluator, eval_output, eval_splits
 from .solver import build_grad_clipper, build_lr_scheduler, build_optimizer

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..accel import Accelerator
+from ..comm import all_gather_objects, is_distributed, reduce_step_metrics, unwrap
 from .checkpointer import Checkpointer, capture_rng, periodic_name, restore_rng
-from .distributed import all_gather_objects, is_distributed, reduce_step_metrics, unwrap
 from .metrics import LOG_PERIOD, IterationRecord, MetricsWriter, MetricWindows
 
 log = logging.getLogger(__name__)

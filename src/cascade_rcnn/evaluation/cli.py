@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from cascade_rcnn import storage
     from cascade_rcnn.accel import AcceleratorError, accelerator_from_cfg
     from cascade_rcnn.checkpoint import CheckpointError
-    from cascade_rcnn.engine.distributed import DistInfo, destroy_process_group, init_process_group
+    from cascade_rcnn.comm import DistInfo, destroy_process_group, init_process_group
     from cascade_rcnn.evaluation.evaluate import evaluate_checkpoint
     from cascade_rcnn.evaluation.report import format_table
 

@@ -19,8 +19,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 
+from cascade_rcnn.comm import rank_and_world_size
 from cascade_rcnn.data.mapper import DatasetMapper
-from cascade_rcnn.engine.distributed import rank_and_world_size
 from cascade_rcnn.evaluation.coco_eval import detections_to_coco_json, evaluate_coco, save_json
 from cascade_rcnn.evaluation.inference import inference_on_dataset
 from cascade_rcnn.evaluation.report import ReportExample, format_table, html_report, markdown_report

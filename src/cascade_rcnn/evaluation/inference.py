@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cascade_rcnn.engine.distributed import rank_and_world_size
+from cascade_rcnn.comm import rank_and_world_size
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""Process-group setup with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
-seeding, the small collectives the trainer needs, and unwrapping a DistributedDataParallel model."""
+"""Communication between the processes of a job: process-group setup from torchrun's environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), seeding, the small collectives the trainer and the
+evaluator need, and unwrapping a DistributedDataParallel model. A low layer: it imports only accel."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..accel import Accelerator
+from .accel import Accelerator
 
 
 @dataclass(frozen=True)
