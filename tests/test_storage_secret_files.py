@@ -49,6 +49,9 @@ def test_a_required_key_missing_from_the_secret_is_named(tmp_path):
     assert f"AWS_SECRET_ACCESS_KEY is not set and the S3 Secret mounted at {tmp_path} has no key " in str(
         err.value
     )
+    # No Secret mounted at all (kfp.local, a shell): boto3's own chain (a profile, a role) decides.
+    elsewhere = {"required": {"AWS_ACCESS_KEY_ID": str(tmp_path / "not-mounted" / "AWS_ACCESS_KEY_ID")}}
+    assert secret_files.load_env({secret_files.ENV: json.dumps(elsewhere)}) == []
     with pytest.raises(StorageError, match=secret_files.ENV):
         secret_files.load_env({secret_files.ENV: "[1, 2]"})
 

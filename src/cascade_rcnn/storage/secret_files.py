@@ -6,7 +6,8 @@ reject. $CASCADE_RCNN_ENV_FROM_FILES says, as JSON, which file becomes which var
 {"required": {"AWS_ACCESS_KEY_ID": "/var/run/secrets/.../AWS_ACCESS_KEY_ID", ...},
  "optional": {"AWS_ENDPOINT_URL": "...", ...}}.
 A variable already set in the environment wins (a local run's own credentials); a required one
-that is neither set nor in the Secret is an error naming the key. Values are never logged.
+that is neither set nor in the mounted Secret is an error naming the key; without the mount (a
+local run) nothing is required and boto3's usual chain applies. Values are never logged.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def load_env(environ: MutableMapping[str, str] = os.environ) -> list[str]:
                 with open(path, encoding="utf-8") as f:
                     value = f.read().strip()
             except FileNotFoundError:
-                if kind == "required":
+                # No volume at all: not a pipeline pod (kfp.local, a shell), so the usual credential
+                # chain (env, profile, role) applies.
+                if kind == "required" and os.path.isdir(os.path.dirname(path)):
                     raise StorageError(
                         f"{name} is not set and the S3 Secret mounted at {os.path.dirname(path)} has no "
                         f"key {os.path.basename(path)!r}: add it to the Secret the run parameter "
