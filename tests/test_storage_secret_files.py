@@ -8,7 +8,6 @@ import os
 import uuid
 
 import pytest
-from conftest import raw_client
 
 from cascade_rcnn import storage
 from cascade_rcnn.storage import secret_files
@@ -56,9 +55,11 @@ def test_a_required_key_missing_from_the_secret_is_named(tmp_path):
         secret_files.load_env({secret_files.ENV: "[1, 2]"})
 
 
-def test_a_step_reaches_the_object_store_through_the_mounted_secret_alone(s3_server, tmp_path, monkeypatch):
+def test_a_step_reaches_the_object_store_through_the_mounted_secret_alone(
+    s3_server, s3_client, tmp_path, monkeypatch
+):
     bucket = f"secret-{uuid.uuid4().hex[:12]}"
-    raw_client(s3_server).create_bucket(Bucket=bucket)
+    s3_client.create_bucket(Bucket=bucket)
     for name in (
         *REQUIRED,
         *OPTIONAL,
