@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cascade_rcnn.errors import CascadeRCNNError
+
 log = logging.getLogger(__name__)
 
 # Collective backend per device type: gloo on CPU, NCCL on NVIDIA, HCCL on Ascend.
@@ -27,7 +29,7 @@ AMP_DTYPES = {
 }
 
 
-class AcceleratorError(RuntimeError):
+class AcceleratorError(CascadeRCNNError, RuntimeError):
     """The requested device is unavailable or the AMP settings do not fit it."""
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import storage
 from ..comm import broadcast_object, unwrap
+from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class TrainingEvaluator:
         from ..evaluation.evaluate import prepare_split
 
         if not names:
-            raise ValueError(
+            raise ConfigError(
                 f"TEST.EVAL_PERIOD={cfg.TEST.EVAL_PERIOD} needs a validation split: "
                 "set DATASETS.TEST in the config or pass --val-split"
             )

@@ -20,6 +20,7 @@ import pycocotools.mask as mask_util
 import torch
 
 from cascade_rcnn.comm import rank_and_world_size
+from cascade_rcnn.config import ConfigError
 from cascade_rcnn.data.mapper import DatasetMapper
 from cascade_rcnn.evaluation.coco_eval import detections_to_coco_json, evaluate_coco, save_json
 from cascade_rcnn.evaluation.inference import inference_on_dataset
@@ -180,7 +181,7 @@ def prepare_split(data: str, split: str, max_images: int | None = None) -> EvalS
     from cascade_rcnn.data.splits import resolve_dataset
 
     if max_images is not None and max_images <= 0:
-        raise ValueError(f"max_images must be positive, got {max_images}")
+        raise ConfigError(f"max_images must be positive, got {max_images}")
     annotations_uri, image_root = resolve_dataset(data, split)
     gt = read_json(annotations_uri)
     records, meta = load_coco_json(annotations_uri, image_root, dataset_name=split, data=gt)
@@ -324,9 +325,9 @@ def evaluate_checkpoint(
         cfg.merge_from_list(list(opts))
     weights = weights or cfg.MODEL.WEIGHTS
     if not weights:
-        raise ValueError("no weights: pass --weights or set MODEL.WEIGHTS in the config")
+        raise ConfigError("no weights: pass --weights or set MODEL.WEIGHTS in the config")
     if max_images is not None and max_images <= 0:
-        raise ValueError(f"max_images must be positive, got {max_images}")
+        raise ConfigError(f"max_images must be positive, got {max_images}")
     rank, world_size = rank_and_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
     device = accelerator_from_cfg(cfg, local_rank).device
