@@ -268,7 +268,11 @@ def _run(args: argparse.Namespace) -> int:
             raise ParameterError("--output takes one pipeline: --pipeline training or retraining")
         for name in names:
             module = PIPELINES[name]
-            path = module.compile_pipeline(args.output or module.COMPILED, compile_options(args))
+            output = args.output or module.COMPILED
+            try:
+                path = module.compile_pipeline(output, compile_options(args))
+            except OSError as e:
+                raise ParameterError(f"--output {output}: cannot write it: {e}") from e
             print(f"wrote {path}")
         return 0
     if args.command == "run-local":

@@ -32,6 +32,8 @@ from pipelines.params import (
 log = logging.getLogger(__name__)
 TOKEN_ENV = "KFP_TOKEN"
 _PIPELINE_ROOT_SCHEMES = ("s3://", "minio://", "gs://")
+# What the fetch_weights step resolves without this machine (cascade_rcnn.weight_sources).
+_CLUSTER_WEIGHTS_SCHEMES = ("detectron2://", "torchvision://", "https://", "http://", "s3://")
 
 
 class KFPError(CascadeRCNNError):
@@ -94,6 +96,12 @@ def prepare(
         raise ParameterError(
             f"--pipeline-root {pipeline_root!r}: use an object-store URI "
             f"({', '.join(s + '...' for s in _PIPELINE_ROOT_SCHEMES)})"
+        )
+    weights = str(merged.get("weights") or "")
+    if weights and not weights.startswith(_CLUSTER_WEIGHTS_SCHEMES):
+        raise ParameterError(
+            f"weights={weights!r}: the cluster's steps cannot read a path of this machine; use "
+            f"{', '.join(s + '...' for s in _CLUSTER_WEIGHTS_SCHEMES)} (upload a file with aws s3 cp)"
         )
     if check_bucket:
         check_bucket_exists(merged["root"])
