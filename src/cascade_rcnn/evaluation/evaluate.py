@@ -3,8 +3,10 @@
 Files written (by rank 0) under `output` (a local path, file:// or s3:// prefix):
 - coco_instances_results.json: the raw detections in COCO results format;
 - metrics.json: {"bbox": {...}, "segm": {...}} (×100; NaN stored as null);
-- report.md and report.html (when report=True): the tables, and for HTML a few example images with
-  their predictions drawn (the images as inference read them, kept in memory for the few examples).
+- pr_curves.json: {"bbox": coco_eval.pr_curves(...), "segm": ...}, the precision/recall curves at IoU
+  0.50 and 0.75, over all categories and per category;
+- report.md and report.html (when report=True): the tables, and for HTML the precision/recall curves
+  and a few example images with their predictions drawn (the images as inference read them, kept in memory for the few examples).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from cascade_rcnn.comm import rank_and_world_size
 from cascade_rcnn.config import ConfigError
 from cascade_rcnn.data.mapper import DatasetMapper
-from cascade_rcnn.evaluation.coco_eval import detections_to_coco_json, evaluate_coco, save_json
+from cascade_rcnn.evaluation.coco_eval import coco_evaluation, detections_to_coco_json, save_json
 from cascade_rcnn.evaluation.inference import inference_on_dataset
 from cascade_rcnn.evaluation.report import ReportExample, format_table, html_report, markdown_report
 from cascade_rcnn.storage import local_path
@@ -33,6 +35,7 @@ RESULTS_JSON = "coco_instances_results.json"
 METRICS_JSON = "metrics.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+PR_CURVES_JSON = "pr_curves.json"
 
 
 def load_model(
@@ -192,6 +195,18 @@ def prepare_split(data: str, split: str, max_images: int | None = None) -> EvalS
     )
 
 
+@dataclass
+class ModelEvaluation:
+    """What evaluate_model found, on rank 0 (empty on the other ranks).
+
+    metrics: {"bbox"|"segm": {"AP", ..., "AP-<class>"}} (×100); predictions: per image, with COCO-JSON
+    "instances" (and "image" for the kept ones); curves: {"bbox"|"segm": coco_eval.pr_curves(...)}."""
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    predictions: list[dict] = field(default_factory=list)
+    curves: dict[str, dict] = field(default_factory=dict)
+
+
 def evaluate_model(
     model: torch.nn.Module,
     cfg: Any,
@@ -201,12 +216,12 @@ def evaluate_model(
     use_fast: bool = True,
     progress: bool = True,
     keep_images: int = 0,
-) -> tuple[dict[str, dict[str, float]], list[dict]]:
+) -> ModelEvaluation:
     """COCO box (and mask, with MODEL.MASK_ON) AP of `model` as it is, on `split`.
 
     Every rank of an initialised process group runs its shard of the split (collective: all ranks
-    must call it); the predictions are gathered to rank 0, which computes the metrics. Returns
-    (metrics, predictions with COCO-JSON instances) on rank 0 and ({}, []) on the others. The model
+    must call it); the predictions are gathered to rank 0, which computes the metrics. Returns the
+    metrics, the predictions and the precision/recall curves on rank 0, nothing on the others. The model
     is put in eval mode for the inference and back in its previous mode afterwards.
     keep_images: rank 0 keeps (RGB, original size) the first N of its images that have detections, as
     "image" in their predictions, for the report's examples; the others are not held.
@@ -232,20 +247,20 @@ def evaluate_model(
 
     predictions = inference_on_dataset(model, loader, device=device, postprocess=to_coco, progress=progress)
     if rank != 0:
-        return {}, []
+        return ModelEvaluation()
     for pred in predictions:
         if pred["image_id"] in kept:
             pred["image"] = kept[pred["image_id"]]
     results = [r for pred in predictions for r in pred["instances"]]
     iou_types = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-    metrics = evaluate_coco(
+    found = coco_evaluation(
         split.ground_truth(),
         results,
         iou_types=iou_types,
         use_fast=use_fast,
         img_ids=[r["image_id"] for r in split.records],
     )
-    return metrics, predictions
+    return ModelEvaluation(found.metrics, predictions, found.curves)
 
 
 def write_results(
@@ -259,14 +274,18 @@ def write_results(
     num_examples: int = 6,
     report_md_to: str | None = None,
     report_html_to: str | None = None,
+    curves: Mapping[str, dict] | None = None,
 ) -> None:
     """The files of the module docstring under `output` (rank 0); with `report`, report.md and
-    report.html also go to the local files report_md_to / report_html_to when given."""
+    report.html also go to the local files report_md_to / report_html_to when given. curves:
+    evaluate_model's precision/recall curves (pr_curves.json and the report's figures)."""
     from cascade_rcnn import storage
 
     results = [r for pred in predictions for r in pred["instances"]]
     save_json(results, storage.join(output, RESULTS_JSON))
     save_json(dict(metrics), storage.join(output, METRICS_JSON))
+    if curves:
+        save_json(dict(curves), storage.join(output, PR_CURVES_JSON))
     if report:
         details = {
             "weights": weights,
@@ -278,7 +297,7 @@ def write_results(
         examples = _examples(predictions, split.meta, num_examples)
         for text, name, local in (
             (markdown_report(metrics, details=details), REPORT_MD, report_md_to),
-            (html_report(metrics, examples, details=details), REPORT_HTML, report_html_to),
+            (html_report(metrics, examples, details=details, curves=curves), REPORT_HTML, report_html_to),
         ):
             storage.put_bytes(text.encode(), storage.join(output, name))
             if local:
@@ -341,7 +360,7 @@ def evaluate_checkpoint(
         prepared.annotations_uri,
     )
     model = load_model(cfg, weights, device, thing_classes=prepared.meta.thing_classes)
-    metrics, predictions = evaluate_model(
+    found = evaluate_model(
         model,
         cfg,
         prepared,
@@ -349,6 +368,7 @@ def evaluate_checkpoint(
         use_fast=use_fast,
         keep_images=num_examples if output and report else 0,
     )
+    metrics = found.metrics
     if rank != 0:
         return {}
     logger.info("COCO evaluation of %s on %s:\n%s", weights, split, format_table(metrics))
@@ -356,12 +376,13 @@ def evaluate_checkpoint(
         write_results(
             output,
             metrics,
-            predictions,
+            found.predictions,
             prepared,
             weights=weights,
             report=report,
             num_examples=num_examples,
             report_md_to=report_md_to,
             report_html_to=report_html_to,
+            curves=found.curves,
         )
     return metrics
