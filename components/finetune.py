@@ -2,11 +2,12 @@
 (cascade_rcnn.engine.launch.run_training, as `cascade-rcnn finetune --weights ...`).
 
 Checkpoints go to `<root>/runs/<run id>/finetune/`; like train, a retry resumes from there, and
-with nodes > 1 the step is a launcher of a TrainJob (see components/train.py).
+with nodes > 1 the step is a launcher of a TrainJob (see components/train.py). `curves` shows the
+run's training curves in the KFP UI.
 """
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Model, Output
 from kfp.dsl.python_component import PythonComponent
 
 
@@ -28,6 +29,7 @@ def finetune(
     config_opts: list,
     finetune_opts: list,
     model: Output[Model],
+    curves: Output[HTML],
     nodes: int = 1,
     trainjob: str = "",
     s3_secret: str = "",
@@ -42,6 +44,7 @@ def finetune(
 
     from cascade_rcnn import storage
     from cascade_rcnn.config import static_opts
+    from cascade_rcnn.engine.curves import save_curves_page
     from cascade_rcnn.engine.launch import TrainJob
     from cascade_rcnn.engine.trainjob import run_step
 
@@ -62,6 +65,7 @@ def finetune(
     )
     info = run_step(job, step="finetune", nodes=nodes, trainjob=trainjob, s3_secret=s3_secret)
     model.metadata.update(info)
+    save_curves_page(info, curves.path)
     with open(model.path, "w") as f:
         json.dump(info, f, indent=1)
     print(json.dumps(info, indent=1))

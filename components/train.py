@@ -4,11 +4,12 @@ nodes > 1 the step is a launcher instead: it runs the same training as a Kubeflo
 `nodes` nodes (cascade_rcnn.engine.trainjob.run_trainjob) and waits for it.
 
 Checkpoints go to `<root>/runs/<run id>/train/`, the same prefix on every retry of the step, so a
-retried pod resumes from the prefix's `last_checkpoint` instead of starting over.
+retried pod resumes from the prefix's `last_checkpoint` instead of starting over. `curves` shows the
+run's training curves in the KFP UI (losses, learning rate, img/s, AP at each evaluation).
 """
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Model, Output
 from kfp.dsl.python_component import PythonComponent
 
 
@@ -28,6 +29,7 @@ def train(
     amp: bool,
     config_opts: list,
     model: Output[Model],
+    curves: Output[HTML],
     nodes: int = 1,
     trainjob: str = "",
     s3_secret: str = "",
@@ -51,6 +53,7 @@ def train(
 
     from cascade_rcnn import storage
     from cascade_rcnn.config import static_opts
+    from cascade_rcnn.engine.curves import save_curves_page
     from cascade_rcnn.engine.launch import TrainJob
     from cascade_rcnn.engine.trainjob import run_step
 
@@ -70,6 +73,7 @@ def train(
     )
     info = run_step(job, step="train", nodes=nodes, trainjob=trainjob, s3_secret=s3_secret)
     model.metadata.update(info)
+    save_curves_page(info, curves.path)
     with open(model.path, "w") as f:
         json.dump(info, f, indent=1)
     print(json.dumps(info, indent=1))

@@ -27,6 +27,7 @@ from .. import errors, storage
 from ..config import ConfigError
 from ..errors import CascadeRCNNError
 from ..logs import setup_training_logging
+from .curves import write_training_curves
 from .metrics import last_eval
 from .run import TrainJob, run_worker, train_splits
 
@@ -244,6 +245,11 @@ def run_training(job: TrainJob) -> dict | None:
     if evaluation is not None:
         record["eval_iteration"] = evaluation.pop("iteration")
         record["eval"] = evaluation
+    try:
+        title = "Fine-tuning curves" if job.finetune else "Training curves"
+        record["training_curves"] = write_training_curves(job.output, title)
+    except Exception:  # a page must not fail the training that produced the checkpoint
+        log.warning("could not draw the training curves of %s", job.output, exc_info=True)
     return record
 
 
