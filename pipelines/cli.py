@@ -187,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, help="generated training images")
     p.add_argument("--val-images", type=int, help="generated validation images")
     p.add_argument(
+        "--eval-period",
+        type=int,
+        help="evaluate every N training iterations, for the AP on the training curves (0: never)",
+    )
+    p.add_argument(
         "--package",
         type=Path,
         help="run this compiled pipeline (e.g. pipelines/compiled/cascade_mask_rcnn_training.yaml) with "
@@ -218,11 +223,12 @@ def _run_local(args: argparse.Namespace) -> int:
     from pipelines.run_local import LocalSettings, run_local, summary
 
     settings = LocalSettings()
-    for name in ("iterations", "finetune_iterations", "train_images", "val_images"):
+    for name in ("iterations", "finetune_iterations", "train_images", "val_images", "eval_period"):
         value = getattr(args, name)
+        lowest = 0 if name == "eval_period" else 1
         if value is not None:
-            if value < 1:
-                raise ParameterError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+            if value < lowest:
+                raise ParameterError(f"--{name.replace('_', '-')} {value}: must be at least {lowest}")
             setattr(settings, name, value)
     from pipelines.params import check_params, parse_params, pipeline_inputs
 
