@@ -31,6 +31,7 @@ OPTS = [
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
     "DATALOADER.NUM_WORKERS", "0",
     "SOLVER.WARMUP_ITERS", "1",
+    "TEST.EVAL_PERIOD", "1",  # AP after every iteration: the training curves' and comparison's AP
     "SEED", "5",
 ]  # fmt: skip
 FIXTURE_RUN = dict(
