@@ -60,222 +60,72 @@ def pipelines(command: str, *argv: str) -> tuple[str, list[str]]:
     return f"python -m pipelines {command}", [sys.executable, "-m", "pipelines", command, *argv]
 
 
+# fmt: off
 def cases(w: dict[str, str]) -> dict[str, tuple[str, list[str], str]]:
     """{case id: (prog, argv, a word the message must hold)}."""
     missing_config = str(Path(w["nowhere"]) / "config.yaml")
     missing_weights = str(Path(w["nowhere"]) / "model.pth")
     out = w["out"]
-    train = ["--data", w["data"], "--output", out]
-    out_json = str(Path(out) / "p.json")
     c: dict[str, tuple[str, list[str], str]] = {}
 
     def add(case: str, spec: tuple[str, list[str]], words: str) -> None:
         c[case] = (*spec, words)
 
+    train = ["--data", w["data"], "--output", out]
     for command in ("train", "finetune"):
         extra = ["--weights", missing_weights] if command == "finetune" else []
-        add(
-            f"{command}-missing-config",
-            cascade(command, "--config", missing_config, *train, *extra),
-            "config.yaml",
-        )
-        add(
-            f"{command}-unknown-key",
-            cascade(command, "--config", CONFIG, *train, *extra, "--opts", "MODEL.ROI_HEADS.NUM_CLASES", "3"),
-            "NUM_CLASES",
-        )
-        add(
-            f"{command}-wrong-type",
-            cascade(command, "--config", CONFIG, *train, *extra, "--opts", "SOLVER.MAX_ITER", "abc"),
-            "SOLVER.MAX_ITER",
-        )
-        add(
-            f"{command}-missing-data",
-            cascade(
-                command, "--config", CONFIG, "--data", w["nowhere"], "--output", out, *extra, "--opts", *CPU
-            ),
-            "nowhere",
-        )
-    add(
-        "train-missing-weights",
-        cascade("train", "--config", CONFIG, *train, "--opts", *CPU, "MODEL.WEIGHTS", missing_weights),
-        "model.pth",
-    )
-    add(
-        "finetune-missing-weights",
-        cascade("finetune", "--config", CONFIG, *train, "--weights", missing_weights, "--opts", *CPU),
-        "model.pth",
-    )
+        add(f"{command}-missing-config", cascade(command, "--config", missing_config, *train, *extra), "config.yaml")
+        add(f"{command}-unknown-key", cascade(command, "--config", CONFIG, *train, *extra, "--opts", "MODEL.ROI_HEADS.NUM_CLASES", "3"), "NUM_CLASES")
+        add(f"{command}-wrong-type", cascade(command, "--config", CONFIG, *train, *extra, "--opts", "SOLVER.MAX_ITER", "abc"), "SOLVER.MAX_ITER")
+        add(f"{command}-missing-data", cascade(command, "--config", CONFIG, "--data", w["nowhere"], "--output", out, *extra, "--opts", *CPU), "nowhere")
+    add("train-missing-weights", cascade("train", "--config", CONFIG, *train, "--opts", *CPU, "MODEL.WEIGHTS", missing_weights), "model.pth")
+    add("finetune-missing-weights", cascade("finetune", "--config", CONFIG, *train, "--weights", missing_weights, "--opts", *CPU), "model.pth")
 
-    ev = ["--data", w["data"], "--output", out, "--split", "val2017"]
-    add(
-        "evaluate-missing-config",
-        cascade("evaluate", "--config", missing_config, *ev, "--weights", missing_weights),
-        "config.yaml",
-    )
-    add(
-        "evaluate-unknown-key",
-        cascade(
-            "evaluate",
-            "--config",
-            CONFIG,
-            *ev,
-            "--weights",
-            missing_weights,
-            "--opts",
-            "MODEL.NO_SUCH_KEY",
-            "1",
-        ),
-        "NO_SUCH_KEY",
-    )
-    add(
-        "evaluate-wrong-type",
-        cascade(
-            "evaluate",
-            "--config",
-            CONFIG,
-            *ev,
-            "--weights",
-            missing_weights,
-            "--opts",
-            "TEST.DETECTIONS_PER_IMAGE",
-            "many",
-        ),
-        "TEST.DETECTIONS_PER_IMAGE",
-    )
-    add(
-        "evaluate-missing-data",
-        cascade(
-            "evaluate",
-            "--config",
-            CONFIG,
-            "--data",
-            w["nowhere"],
-            "--output",
-            out,
-            "--weights",
-            missing_weights,
-            "--opts",
-            *CPU,
-        ),
-        "nowhere",
-    )
-    add(
-        "evaluate-missing-weights",
-        cascade("evaluate", "--config", CONFIG, *ev, "--weights", missing_weights, "--opts", *CPU),
-        "model.pth",
-    )
+    ev = ["--data", w["data"], "--output", out, "--split", "val2017", "--weights", missing_weights]
+    add("evaluate-missing-config", cascade("evaluate", "--config", missing_config, *ev), "config.yaml")
+    add("evaluate-unknown-key", cascade("evaluate", "--config", CONFIG, *ev, "--opts", "MODEL.NO_SUCH_KEY", "1"), "NO_SUCH_KEY")
+    add("evaluate-wrong-type", cascade("evaluate", "--config", CONFIG, *ev, "--opts", "TEST.DETECTIONS_PER_IMAGE", "many"), "TEST.DETECTIONS_PER_IMAGE")
+    add("evaluate-missing-data", cascade("evaluate", "--config", CONFIG, "--data", w["nowhere"], "--output", out, "--weights", missing_weights, "--opts", *CPU), "nowhere")
+    add("evaluate-missing-weights", cascade("evaluate", "--config", CONFIG, *ev, "--opts", *CPU), "model.pth")
 
-    pr = ["--output", out_json, "--weights", missing_weights]
-    add(
-        "predict-missing-config",
-        cascade("predict", "--config", missing_config, *pr, w["image"]),
-        "config.yaml",
-    )
-    add(
-        "predict-unknown-key",
-        cascade("predict", "--config", CONFIG, *pr, "--opts", "MODEL.NO_SUCH_KEY", "1", "--", w["image"]),
-        "NO_SUCH_KEY",
-    )
-    add(
-        "predict-wrong-type",
-        cascade("predict", "--config", CONFIG, *pr, "--opts", "INPUT.MIN_SIZE_TEST", "big", "--", w["image"]),
-        "INPUT.MIN_SIZE_TEST",
-    )
-    add(
-        "predict-missing-data",
-        cascade("predict", "--config", CONFIG, *pr, "--opts", *CPU, "--", str(Path(w["nowhere"]) / "x.jpg")),
-        "x.jpg",
-    )
-    add(
-        "predict-missing-weights",
-        cascade("predict", "--config", CONFIG, *pr, "--opts", *CPU, "--", w["image"]),
-        "model.pth",
-    )
+    pr = ["--output", str(Path(out) / "p.json"), "--weights", missing_weights]
+    add("predict-missing-config", cascade("predict", "--config", missing_config, *pr, w["image"]), "config.yaml")
+    add("predict-unknown-key", cascade("predict", "--config", CONFIG, *pr, "--opts", "MODEL.NO_SUCH_KEY", "1", "--", w["image"]), "NO_SUCH_KEY")
+    add("predict-wrong-type", cascade("predict", "--config", CONFIG, *pr, "--opts", "INPUT.MIN_SIZE_TEST", "big", "--", w["image"]), "INPUT.MIN_SIZE_TEST")
+    add("predict-missing-data", cascade("predict", "--config", CONFIG, *pr, "--opts", *CPU, "--", str(Path(w["nowhere"]) / "x.jpg")), "x.jpg")
+    add("predict-missing-weights", cascade("predict", "--config", CONFIG, *pr, "--opts", *CPU, "--", w["image"]), "model.pth")
 
     root = ["--root", str(Path(out) / "store")]
     add("ingest-missing-data", cascade("ingest", "--source", w["nowhere"], *root), "nowhere")
-    add(
-        "ingest-unknown-split",
-        cascade("ingest", "--source", w["data"], *root, "--splits", "nosuch2017"),
-        "nosuch2017",
-    )
-    add(
-        "ingest-wrong-type", cascade("ingest", "--source", w["bad"], *root, "--splits", "val2017"), "bad bbox"
-    )
-    add(
-        "ingest-wrong-type-option",
-        cascade("ingest", "--source", w["data"], *root, "--max-images", "ten"),
-        "--max-images",
-    )
-    add(
-        "fetch-weights-missing-weights",
-        cascade("fetch-weights", missing_weights, "--output", str(Path(out) / "w.pth")),
-        "model.pth",
-    )
-    add(
-        "fetch-weights-unknown-scheme",
-        cascade("fetch-weights", "detectron3://R-50.pkl", "--output", str(Path(out) / "w.pth")),
-        "detectron3://",
-    )
-    add(
-        "make-shapes-wrong-value",
-        cascade("make-shapes", str(Path(out) / "s"), "--min-size", "8"),
-        "--min-size",
-    )
-    add(
-        "make-shapes-unwritable",
-        cascade("make-shapes", str(Path(w["not_a_dir"]) / "s"), "--train", "1", "--val", "1"),
-        "a-file",
-    )
+    add("ingest-unknown-split", cascade("ingest", "--source", w["data"], *root, "--splits", "nosuch2017"), "nosuch2017")
+    add("ingest-wrong-type", cascade("ingest", "--source", w["bad"], *root, "--splits", "val2017"), "bad bbox")
+    add("ingest-wrong-type-option", cascade("ingest", "--source", w["data"], *root, "--max-images", "ten"), "--max-images")
+    weights_out = ["--output", str(Path(out) / "w.pth")]
+    add("fetch-weights-missing-weights", cascade("fetch-weights", missing_weights, *weights_out), "model.pth")
+    add("fetch-weights-unknown-scheme", cascade("fetch-weights", "detectron3://R-50.pkl", *weights_out), "detectron3://")
+    add("make-shapes-wrong-value", cascade("make-shapes", str(Path(out) / "s"), "--min-size", "8"), "--min-size")
+    add("make-shapes-unwritable", cascade("make-shapes", str(Path(w["not_a_dir"]) / "s"), "--train", "1", "--val", "1"), "a-file")
 
-    add(
-        "compile-unwritable", pipelines("compile", "--output", str(Path(w["not_a_dir"]) / "p.yaml")), "a-file"
-    )
-    add(
-        "compile-unknown-key",
-        pipelines("compile", "--output", str(Path(out) / "p.yaml"), "--secret-key", "AWS_TOKEN=x"),
-        "AWS_TOKEN",
-    )
-    add(
-        "compile-wrong-value",
-        pipelines("compile", "--output", str(Path(out) / "p.yaml"), "--retries", "-1"),
-        "--retries",
-    )
+    yaml_out = ["--output", str(Path(out) / "p.yaml")]
+    add("compile-unwritable", pipelines("compile", "--output", str(Path(w["not_a_dir"]) / "p.yaml")), "a-file")
+    add("compile-unknown-key", pipelines("compile", *yaml_out, "--secret-key", "AWS_TOKEN=x"), "AWS_TOKEN")
+    add("compile-wrong-value", pipelines("compile", *yaml_out, "--retries", "-1"), "--retries")
     good_root = ["--param", "root=s3://my-bucket/cascade-rcnn"]
     for command, extra in (("submit", []), ("schedule", ["--cron", "0 2 * * *"])):
         run = [command, "--endpoint", DEAD, *extra]
-        add(
-            f"{command}-missing-config",
-            pipelines(*run, "--package", missing_config, *good_root),
-            "config.yaml",
-        )
-        add(
-            f"{command}-unknown-key",
-            pipelines(*run, "--package", COMPILED, *good_root, "--param", "gpus=8"),
-            "gpus",
-        )
-        add(
-            f"{command}-wrong-type",
-            pipelines(*run, "--package", COMPILED, *good_root, "--param", "iterations=abc"),
-            "iterations",
-        )
+        add(f"{command}-missing-config", pipelines(*run, "--package", missing_config, *good_root), "config.yaml")
+        add(f"{command}-unknown-key", pipelines(*run, "--package", COMPILED, *good_root, "--param", "gpus=8"), "gpus")
+        add(f"{command}-wrong-type", pipelines(*run, "--package", COMPILED, *good_root, "--param", "iterations=abc"), "iterations")
         add(f"{command}-missing-data", pipelines(*run, "--package", COMPILED), "root")
-        add(
-            f"{command}-missing-weights",
-            pipelines(*run, "--package", COMPILED, *good_root, "--param", f"weights={missing_weights}"),
-            "model.pth",
-        )
-    add(
-        "schedule-wrong-cron",
-        pipelines("schedule", "--endpoint", DEAD, "--cron", "0 2 * *", "--package", COMPILED, *good_root),
-        "cron",
-    )
+        add(f"{command}-missing-weights", pipelines(*run, "--package", COMPILED, *good_root, "--param", f"weights={missing_weights}"), "model.pth")
+    add("schedule-wrong-cron", pipelines("schedule", "--endpoint", DEAD, "--cron", "0 2 * *", "--package", COMPILED, *good_root), "cron")
     local = ["run-local", "--workdir", str(Path(out) / "demo")]
     add("run-local-missing-config", pipelines(*local, "--package", missing_config), "config.yaml")
     add("run-local-unknown-key", pipelines(*local, "--package", COMPILED, "--param", "gpus=8"), "gpus")
     add("run-local-wrong-type", pipelines(*local, "--package", COMPILED, "--param", "amp=maybe"), "amp")
-    return c  # fmt: skip
+    add("run-local-wrong-value", pipelines(*local, "--eval-period", "-1"), "--eval-period")
+    return c
+# fmt: on
 
 
 CASE_IDS = list(cases({k: "/x" for k in ("data", "bad", "image", "out", "not_a_dir", "nowhere")}))
