@@ -44,6 +44,8 @@ FLAGS = (
     "--remote-debugging-pipe",
 )
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
+# Two animation frames: the layout and paint that follow a resize have happened.
+SETTLE = "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))"
 # The size of every <img> and inline <svg> of the document, and whether each image decoded.
 MEASURE = """JSON.stringify(Array.from(document.querySelectorAll('img, svg')).map(e => {
   const r = e.getBoundingClientRect();
@@ -237,6 +239,12 @@ class Chromium:
             {"width": width, "height": max(600, min(height, 16000)), "deviceScaleFactor": 1, "mobile": False},
             session=session,
         )
+        # Let the resized page (and the frame's own process) lay out and paint before the picture.
+        for where in ({"session": session}, evaluate_in):
+            params = {"expression": SETTLE, "awaitPromise": True, "returnByValue": True}
+            if "contextId" in where:
+                params["contextId"] = where["contextId"]
+            self.send("Runtime.evaluate", params, session=where["session"])
         shot = self.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
         page = Page(figures=figures, screenshot=base64.b64decode(shot), title=title)
         page.errors = _errors(self.events, set(sessions))
