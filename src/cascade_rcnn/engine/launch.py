@@ -24,6 +24,7 @@ import sys
 import uuid
 
 from .. import errors, storage
+from ..accel import require_requested, resolve_device_type
 from ..config import ConfigError
 from ..errors import CascadeRCNNError
 from ..logs import setup_training_logging
@@ -201,6 +202,12 @@ def _elastic_worker(cfg, job: TrainJob) -> str | None:
         sys.exit(errors.EXIT_STATUS)
 
 
+def _device_used(job: TrainJob, cfg) -> str:
+    """The requested resource when the run used it, else the device type (cpu with device=cpu)."""
+    device_type = resolve_device_type(str(cfg.MODEL.DEVICE))
+    return job.accelerator if job.accelerator and device_type != "cpu" else device_type
+
+
 def run_training(job: TrainJob) -> dict | None:
     """Run `job` on this node's workers; return the record the step's Model artifact carries.
 
@@ -220,6 +227,8 @@ def run_training(job: TrainJob) -> dict | None:
     log.info("%s %s with the overrides %s", "finetune" if job.finetune else "train", job, overrides)
     cfg = load_config(job.config, overrides)
     cfg.OUTPUT_DIR = job.output  # the checkpoints' config names where the run wrote
+    # Before any worker starts: a pod that asked for devices and got none fails here, in seconds.
+    require_requested(job.accelerator, nproc, str(cfg.MODEL.DEVICE))
     # Missing data shows here in a moment, not in every worker once its model is built.
     for split in train_splits(cfg, job):
         resolve_dataset(job.data, split)
@@ -237,7 +246,7 @@ def run_training(job: TrainJob) -> dict | None:
         "sha256": storage.head(final).sha256,
         "format": "cascade_rcnn",
         "iterations": int(cfg.SOLVER.MAX_ITER) if job.iterations is None else job.iterations,
-        "accelerator": f"{nproc} x {job.accelerator or cfg.MODEL.DEVICE}",
+        "accelerator": f"{nproc} x {_device_used(job, cfg)}",
         "data": job.data,
         "config": job.config,
     }
