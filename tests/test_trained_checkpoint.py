@@ -180,7 +180,7 @@ def test_evaluate_refuses_data_with_other_classes(trained, tmp_path, capsys):
          "--split", "val2017", "--output", str(tmp_path / "eval"), "--opts", *TEST]
     )  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 1 and str(final) in err, err
+    assert rc == 2 and str(final) in err, err  # an expected error: one line, status 2
     assert "'circle', 'square', 'triangle'" in err and "'square', 'circle', 'triangle'" in err, err
     assert not (tmp_path / "eval").exists()
 
