@@ -100,9 +100,13 @@ def test_dataset_category_ids_from_coco_file(cli_output):
 
 
 def _assert_same(a, b) -> None:
+    """The same detections from a batch of two and from one image: the convolutions may sum in
+    another order, so boxes differ by a fraction of their size. Measured on the fixture's 6 images,
+    plain and flipped, with 1 and 2 threads: boxes (up to 377 px) at most 3.6e-6 relative (2.4e-4 px,
+    which a bare 1e-4 px bound would fail), scores at most 3.4e-6; the bounds leave 5x."""
     assert len(a) == len(b)
-    torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=1e-4)
-    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.boxes, b.boxes, rtol=2e-5, atol=1e-4)
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=2e-5)
     assert torch.equal(a.classes, b.classes)
     assert torch.equal(a.masks, b.masks)
 
