@@ -255,7 +255,10 @@ def _compile_counters():
 @pytest.mark.slow
 def test_compiled_nms_and_pooling_are_one_graph_for_any_data():
     """fullgraph compile on CPU; new valid patterns and box values reuse the one graph."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()  # reset() keeps the counters: an earlier test's graphs would count here
     nms = torch.compile(ops.batched_nms_fixed, fullgraph=True)
     pool = torch.compile(ops.multilevel_roi_align, fullgraph=True)
     gen = torch.Generator().manual_seed(5)
