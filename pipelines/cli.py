@@ -10,7 +10,7 @@ from typing import Optional
 from cascade_rcnn.logs import setup_logging
 from pipelines import retraining, training
 from pipelines.params import ParameterError, kfp_cron
-from pipelines.training import CompileOptions
+from pipelines.tasks import CompileOptions
 
 PIPELINES = {"training": training, "retraining": retraining}
 
@@ -32,7 +32,8 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-accelerator",
         action="store_true",
-        help="train and finetune on the CPU image without accelerator requests, node selector or "
+        help="train and finetune on the CPU image, with device defaulting to cpu and no accelerator "
+        "requests, node selector or "
         "toleration (clusters without NPUs)",
     )
     g.add_argument(

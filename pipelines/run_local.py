@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from pipelines import retraining
-from pipelines.training import CompileOptions, build_pipeline
+from pipelines.tasks import CompileOptions
+from pipelines.training import build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,13 @@ def http_mirror(directory: Path) -> Iterator[str]:
         httpd.server_close()
 
 
+def local_options() -> CompileOptions:
+    """The demo's compile options: a CPU cluster's (`--no-accelerator`: no device requested, device cpu),
+    and no retries (kfp.local honours them, with minutes of backoff: a local failure should show at
+    once)."""
+    return CompileOptions(accelerator=False, train_retries=0)
+
+
 def demo_opts(settings: LocalSettings) -> list[str]:
     warmup = max(1, min(50, settings.iterations // 4))
     return [*DEMO_OPTS, "SOLVER.WARMUP_ITERS", str(warmup)]
@@ -174,40 +182,9 @@ def write_seed_weights(path: Path, opts: list[str]) -> str:
     return storage.sha256_file(path)
 
 
-def _local_one_of_artifacts() -> None:
-    """kfp.local (2.17) resolves a dsl.OneOf of parameters but refuses one of artifacts (the trained
-    Model here). Teach it the same rule: the one branch that produced the artifact. The KFP backend
-    needs none of this."""
-    from kfp.local.orchestrator import orchestrator_utils
-
-    utils = orchestrator_utils.OrchestratorUtils
-    if getattr(utils, "_cascade_rcnn_one_of", False):
-        return
-
-    def get_dag_output_artifacts(cls, dag_outputs_spec, io_store):
-        outputs = {}
-        for key, selector_spec in dag_outputs_spec.artifacts.items():
-            found = []
-            for selector in selector_spec.artifact_selectors:
-                try:
-                    found.append(
-                        io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key)
-                    )
-                except ValueError:  # a branch that did not run
-                    pass
-            if len(found) != 1:
-                raise ValueError(f"dsl.OneOf output {key!r}: {len(found)} branches produced it, expected 1")
-            outputs[key] = found[0]
-        return outputs
-
-    utils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
-    utils._cascade_rcnn_one_of = True
-
-
 def _init_kfp_local(workdir: Path) -> None:
     import kfp.local
 
-    _local_one_of_artifacts()
     kfp.local.init(
         runner=kfp.local.SubprocessRunner(use_venv=False),
         pipeline_root=str(workdir / "kfp"),
@@ -243,9 +220,9 @@ def _demo_arguments(
         "iterations": settings.iterations,
         "learning_rate": settings.learning_rate,
         "batch_per_device": settings.batch,
-        "accelerator_type": "cpu",  # recorded in the Models; kfp.local ignores resource requests
-        "accelerator_count": 1,
-        # device and amp keep the pipelines' defaults (auto, True): on this CPU that means float32.
+        "accelerator_count": "1",  # one trainer process
+        # The pipeline is compiled for CPUs (local_options: no accelerator requested, device cpu);
+        # amp keeps its default, True, which on a CPU means float32.
     }
 
 
@@ -267,11 +244,13 @@ def package_arguments(
 ) -> dict[str, Any]:
     """The arguments a compiled package gets here: only what must shrink for a CPU (the data, model
     widths and image sizes in config_opts, iterations, batch and the demo's learning rates for its
-    small batches: the default 0.2 is for 128 images per step) and `finetune` on, so that step runs
-    too. Everything else keeps the package's default: device auto, amp, accelerator type and count
-    (8 trainer processes), weights, config, names, splits, run_id, s3_secret."""
+    small batches: the default 0.2 is for 128 images per step), `finetune` on, so that step runs
+    too, and device cpu: the training steps requested accelerators, and with device auto a step that
+    finds none fails at once. Everything else keeps the package's default: amp, accelerator type and
+    count (8 trainer processes), weights, config, names, splits, run_id, s3_secret."""
     return {
         "root": root,
+        "device": "cpu",
         "data_source": str(data_dir),
         "config_opts": demo_opts(settings),
         "iterations": settings.iterations,
@@ -357,8 +336,7 @@ def run_local(
             storage.upload_tree(str(ft_dir), finetune_data, progress=False)
             _init_kfp_local(workdir)
             if package is None:
-                # kfp.local honours retries, with their minutes of backoff: a local failure should show at once.
-                pipeline = build_pipeline(CompileOptions(train_retries=0))
+                pipeline = build_pipeline(local_options())
                 arguments = pipeline_arguments(
                     root, data_dir, weights, weights_sha256, finetune_data, settings
                 )
@@ -478,7 +456,7 @@ def run_retrain_local(
             _init_kfp_local(workdir)
             arguments = retrain_arguments(root, data_dir, weights, weights_sha256, settings)
             arguments.update(overrides or {})
-            pipeline = retraining.build_pipeline(CompileOptions(train_retries=0))
+            pipeline = retraining.build_pipeline(local_options())
             log.info("running %s locally under %s", pipeline.name, workdir)
             pipeline(**arguments)
             (run_dir,) = [p for p in (workdir / "kfp").iterdir() if p.is_dir() and not p.name.startswith(".")]

@@ -1,7 +1,8 @@
 """The retraining pipeline under kfp.local against SeaweedFS, run after run on one bucket as a
 schedule runs it: the first model is promoted, unchanged data skips, force trains anyway and a worse
-challenger is evaluated and rejected, more data trains a challenger against a re-evaluated champion;
-and the user's path, `python -m pipelines run-local --pipeline retraining`, twice."""
+challenger is evaluated and rejected, more data trains a challenger against a re-evaluated champion,
+a static-shape run re-evaluates the champion in static mode; and the user's path,
+`python -m pipelines run-local --pipeline retraining`, twice."""
 
 import json
 import subprocess
@@ -33,6 +34,7 @@ OPTS = [
     "SOLVER.WARMUP_ITERS", "1",
     "SEED", "5",
 ]  # fmt: skip
+STATIC = [[192, 192]]
 FIXTURE_RUN = dict(
     config=str(FIXTURE / "config.yaml"),
     config_opts=OPTS,
@@ -92,6 +94,9 @@ def history(schedule):
     more = workdir / "more-data"
     make_shapes(str(more), num_train=TINY.train_images + 3, num_val=TINY.val_images + 2, seed=0, **SIZES)
     run(data_source=str(more))
+    # Static-shape mode from now on: a challenger evaluated on a canvas against a champion evaluated
+    # in dynamic mode must not be compared as recorded.
+    run(data_source=str(more), force=True, static_canvas=STATIC)
     return runs
 
 
@@ -150,6 +155,33 @@ def test_more_data_trains_a_warm_challenger_against_the_reevaluated_champion(his
     assert record["champion_before"]["eval_data_version"] != record["challenger"]["eval_data_version"]
     champion = last["champion"]
     assert champion["eval_data_version"] == record["challenger"]["eval_data_version"]
+
+
+def test_a_static_mode_run_evaluates_the_champion_in_static_mode_too(history, s3_env, tmp_path):
+    from cascade_rcnn.evaluation.evaluate import RESULTS_JSON, evaluate_checkpoint
+    from cascade_rcnn.step_options import StepOptions
+
+    static = history[4]
+    assert static["trained"] and static["plan"] == "warm-start"
+    record = json.loads(storage.get_bytes(static["history"][-1]["uri"]))
+    before = record["champion_before"]
+    # The champion's record was made in dynamic mode; this run's evaluation is on the canvas.
+    assert not before["eval_data_version"].endswith("-static-192x192")
+    assert record["challenger"]["eval_data_version"].endswith("-static-192x192")
+    reevaluated = storage.join(static["root"], "runs", record["run_id"], "promote", "champion_eval")
+    got = json.loads(storage.get_bytes(storage.join(reevaluated, RESULTS_JSON)))
+
+    def evaluate(canvas) -> list:
+        options = StepOptions(before["config"], static_canvas=canvas, device="auto", amp=True)
+        out = tmp_path / f"static-{bool(canvas)}"
+        evaluate_checkpoint(before["config"], before["checkpoint_uri"], record["challenger"]["dataset"],
+                            record["challenger"]["eval_split"], str(out), report=False,
+                            opts=options.overrides(before["config_opts"]))  # fmt: skip
+        return json.loads((out / RESULTS_JSON).read_text())
+
+    in_static, in_dynamic = evaluate(STATIC), evaluate([])
+    assert in_static != in_dynamic  # the two modes are told apart by their detections
+    assert got == in_static  # promote ran the champion on the challenger's canvas, in static mode
 
 
 def test_make_demo_twice_trains_then_skips(tmp_path):

@@ -475,8 +475,14 @@ def static_opts(canvas: Sequence) -> list[str]:
         return []
     pairs = []
     for entry in canvas:
+        # KFP hands list parameters over as JSON numbers, so 800 arrives as 800.0.
         if not (
-            isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry)
+            isinstance(entry, (list, tuple))
+            and len(entry) == 2
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+                for v in entry
+            )
         ):
             raise ConfigError(f"static_canvas entries must be [height, width] integer pairs, got {entry!r}")
         pairs.append((int(entry[0]), int(entry[1])))

@@ -21,6 +21,7 @@ import sys
 import uuid
 
 from .. import storage
+from ..accel import require_requested, resolve_device_type
 from ..logs import setup_training_logging
 from .metrics import last_eval
 from .run import TrainJob, run_worker
@@ -144,6 +145,12 @@ def launch_elastic(cfg, job: TrainJob, nproc_per_node: int) -> str | None:
     return results.get(0) if isinstance(results, dict) else None
 
 
+def _device_used(job: TrainJob, cfg) -> str:
+    """The requested resource when the run used it, else the device type (cpu with device=cpu)."""
+    device_type = resolve_device_type(str(cfg.MODEL.DEVICE))
+    return job.accelerator if job.accelerator and device_type != "cpu" else device_type
+
+
 def run_training(job: TrainJob) -> dict | None:
     """Run `job` on this node's workers; return the record the step's Model artifact carries.
 
@@ -162,6 +169,8 @@ def run_training(job: TrainJob) -> dict | None:
     log.info("%s %s with the overrides %s", "finetune" if job.finetune else "train", job, overrides)
     cfg = load_config(job.config, overrides)
     cfg.OUTPUT_DIR = job.output  # the checkpoints' config names where the run wrote
+    # Before any worker starts: a pod that asked for devices and got none fails here, in seconds.
+    require_requested(job.accelerator, nproc, str(cfg.MODEL.DEVICE))
     if "LOCAL_RANK" not in os.environ and (nproc > 1 or _env_int("PET_NNODES", 1) > 1):
         final = launch_elastic(cfg, job, nproc)
     else:
@@ -176,7 +185,7 @@ def run_training(job: TrainJob) -> dict | None:
         "sha256": storage.head(final).sha256,
         "format": "cascade_rcnn",
         "iterations": int(cfg.SOLVER.MAX_ITER) if job.iterations is None else job.iterations,
-        "accelerator": f"{nproc} x {job.accelerator or cfg.MODEL.DEVICE}",
+        "accelerator": f"{nproc} x {_device_used(job, cfg)}",
         "data": job.data,
         "config": job.config,
     }

@@ -47,7 +47,9 @@ class TrainJob:
     reference recipe put them), SOLVER.BASE_LR, SOLVER.IMS_PER_BATCH (times the node's workers),
     MODEL.DEVICE and SOLVER.AMP.ENABLED; None leaves the config's value.
     nproc_per_node: worker processes on this node (None or 0: PET_NPROC_PER_NODE, else 1).
-    accelerator: the accelerator's resource name, only recorded (default: MODEL.DEVICE).
+    accelerator: the device plugin resource (e.g. huawei.com/Ascend910) of which this node's pod
+    requested nproc_per_node; the run then fails at once unless MODEL.DEVICE finds that many devices
+    (accel.require_requested). "": nothing requested, no check (the CLI, local runs).
     """
 
     config: str
