@@ -24,7 +24,7 @@ COMPAT_TESTS := tests/test_parity.py tests/test_train_parity.py tests/test_stati
 	tests/test_static_cli.py::test_train_eval_and_predict_in_static_mode \
 	tests/test_trained_checkpoint.py tests/test_comm.py tests/test_torch_range.py
 
-.PHONY: venv demo test lint unit test-compat test-containers clean
+.PHONY: venv demo test lint unit browser test-compat test-containers clean
 
 venv: $(STAMP)
 
@@ -39,8 +39,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench components pipelines
 	$(VENV)/bin/ruff format --check src tests bench components pipelines
 
-unit: $(STAMP)
+unit: $(STAMP) browser
 	$(VENV)/bin/pytest -m "not containers" $(PYTEST_ARGS)
+
+# Headless Chromium (Debian's package, with the DejaVu fonts the charts name) for the tests that open
+# the report pages as a reader does (tests/browser.py). Installed when missing and apt-get can run as
+# root, as in CI; elsewhere those tests skip, and under CI=true they fail without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; } || \
+		echo "make browser: no chromium here and apt-get cannot install it; the page tests will skip"
 
 test: lint unit
 

@@ -4,10 +4,12 @@
 Checkpoints go to `<root>/runs/<run id>/finetune/`; like train, a retry resumes from there, with
 nodes > 1 the step is a launcher of a TrainJob (see components/train.py), and it returns the final
 checkpoint's URI.
+`curves` shows the run's training curves in the KFP UI (losses, learning rate, img/s, AP at each
+evaluation).
 """
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Model, Output
 from kfp.dsl.python_component import PythonComponent
 
 
@@ -30,6 +32,7 @@ def finetune(
     accelerator: str,
     finetune_opts: list,
     model: Output[Model],
+    curves: Output[HTML],
     nodes: int = 1,
     trainjob: str = "",
     s3_secret: str = "",
@@ -42,6 +45,7 @@ def finetune(
     import json
 
     from cascade_rcnn.accel import parse_count
+    from cascade_rcnn.engine.curves import save_curves_page
     from cascade_rcnn.engine.launch import TrainJob
     from cascade_rcnn.engine.trainjob import run_step
     from cascade_rcnn.step_options import StepOptions
@@ -64,6 +68,7 @@ def finetune(
     )
     info = run_step(job, step="finetune", nodes=nodes, trainjob=trainjob, s3_secret=s3_secret)
     model.metadata.update(info)
+    save_curves_page(info, curves.path)
     with open(model.path, "w") as f:
         json.dump(info, f, indent=1)
     print(json.dumps(info, indent=1))

@@ -7,10 +7,12 @@ Checkpoints go to `<root>/runs/<run id>/train/`, the same prefix on every retry 
 retried pod resumes from the prefix's `last_checkpoint` instead of starting over. Returns the final
 checkpoint's URI, which evaluate and finetune take (a string, so that the in-pod and TrainJob
 branches merge as a dsl.OneOf of parameters; see pipelines/tasks.py).
+`curves` shows the run's training curves in the KFP UI (losses, learning rate, img/s, AP at each
+evaluation).
 """
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Model, Output
 from kfp.dsl.python_component import PythonComponent
 
 
@@ -31,6 +33,7 @@ def train(
     nproc_per_node: str,
     accelerator: str,
     model: Output[Model],
+    curves: Output[HTML],
     nodes: int = 1,
     trainjob: str = "",
     s3_secret: str = "",
@@ -52,6 +55,7 @@ def train(
     import json
 
     from cascade_rcnn.accel import parse_count
+    from cascade_rcnn.engine.curves import save_curves_page
     from cascade_rcnn.engine.launch import TrainJob
     from cascade_rcnn.engine.trainjob import run_step
     from cascade_rcnn.step_options import StepOptions
@@ -73,6 +77,7 @@ def train(
     )
     info = run_step(job, step="train", nodes=nodes, trainjob=trainjob, s3_secret=s3_secret)
     model.metadata.update(info)
+    save_curves_page(info, curves.path)
     with open(model.path, "w") as f:
         json.dump(info, f, indent=1)
     print(json.dumps(info, indent=1))

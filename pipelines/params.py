@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.registry import MODEL_NAME_PATTERN
 
 # An accelerator step is one pod; Ascend forms collective groups of 1, 2, 4 or 8 NPUs (an HCCS ring
@@ -23,7 +24,7 @@ _CRON_FIELD = re.compile(r"^[0-9A-Za-z*?/,#-]+$")
 CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 
 
-class ParameterError(ValueError):
+class ParameterError(CascadeRCNNError, ValueError):
     """A run parameter, pipeline root or schedule is invalid; nothing was submitted."""
 
 

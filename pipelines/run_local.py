@@ -88,11 +88,37 @@ class LocalSettings:
     finetune_learning_rate: float = 0.01
     min_size: int = 128
     max_size: int = 192
+    # TEST.EVAL_PERIOD of the training steps: AP at iterations 80, 160 and 240 on the training curves
+    # (a few seconds each here); the final one also comes after a shorter fine-tuning. 0: none.
+    eval_period: int = 80
+
+
+# Copies of the steps' HTML and Markdown outputs in the work directory, with extensions so that they
+# open in a browser: {file name: (task name prefix, output name)}. KFP names artifact files after
+# the outputs; the retraining pipeline's tasks inside conditions get numbered names (evaluate-2).
+PAGES = {
+    "training_curves.html": ("train", "curves"),
+    "finetune_curves.html": ("finetune", "curves"),
+    "report.html": ("evaluate", "report"),
+    "report.md": ("evaluate", "table"),
+}
+
+
+def copy_pages(outputs: dict[str, dict[str, dict]], workdir: Path, pages: dict[str, tuple[str, str]]) -> dict:
+    """Copy each page whose step ran (the first task of that name) into workdir; {file: path}."""
+    copied = {}
+    for file, (task_prefix, output) in pages.items():
+        task = next((t for t in sorted(outputs) if t.startswith(task_prefix) and output in outputs[t]), None)
+        if task is not None:
+            shutil.copyfile(outputs[task][output]["uri"], workdir / file)
+            copied[file] = str(workdir / file)
+    return copied
 
 
 @dataclass
 class LocalRun:
-    """What a local run left: the S3 root, the work directory (with report.html and report.md),
+    """What a local run left: the S3 root, the work directory (with report.html, report.md and the
+    training curves of train and finetune, training_curves.html and finetune_curves.html),
     kfp.local's folder of this run, and each step's output artifacts ({task: {output name: {"uri": local path, "metadata": {...}}}})."""
 
     root: str
@@ -163,7 +189,7 @@ def local_options() -> CompileOptions:
 
 def demo_opts(settings: LocalSettings) -> list[str]:
     warmup = max(1, min(50, settings.iterations // 4))
-    return [*DEMO_OPTS, "SOLVER.WARMUP_ITERS", str(warmup)]
+    return [*DEMO_OPTS, "SOLVER.WARMUP_ITERS", str(warmup), "TEST.EVAL_PERIOD", str(settings.eval_period)]
 
 
 def write_seed_weights(path: Path, opts: list[str]) -> str:
@@ -296,7 +322,7 @@ def run_local(
     workdir = Path(workdir).resolve()
     for sub in ("data", "finetune-data", "kfp", "s3", "workspace", "weights", "mirror"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
-    for name in ("report.html", "report.md"):
+    for name in PAGES:
         (workdir / name).unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -352,9 +378,7 @@ def run_local(
             pipeline(**arguments)
             (run_dir,) = [p for p in (workdir / "kfp").iterdir() if p.is_dir() and not p.name.startswith(".")]
             run = LocalRun(root, workdir, run_dir, _read_outputs(run_dir), arguments=arguments)
-            # KFP names artifact files after the outputs; copies with extensions open in a browser.
-            shutil.copyfile(run.local_path("evaluate", "report"), workdir / "report.html")
-            shutil.copyfile(run.local_path("evaluate", "table"), workdir / "report.md")
+            copy_pages(run.outputs, workdir, PAGES)
             # Read while the server is up: the caller may print them after it is gone.
             eval_uri = run.metadata("evaluate", "metrics")["output_uri"]
             run.outputs["evaluate"]["metrics"]["metrics_json"] = json.loads(
@@ -380,6 +404,7 @@ def summary(run: LocalRun, s3_data: Optional[Path] = None) -> str:
         "",
         f"HTML report: {run.workdir / 'report.html'}",
         f"Markdown table: {run.workdir / 'report.md'}",
+        f"training curves: {run.workdir / 'training_curves.html'} and {run.workdir / 'finetune_curves.html'}",
         f"kfp.local's outputs of each step: {run.run_dir}",
         f"evaluation files: {eval_uri}/",
         f"trained model: {run.metadata('train', 'model')['checkpoint_uri']}",
@@ -391,6 +416,15 @@ def summary(run: LocalRun, s3_data: Optional[Path] = None) -> str:
 
 
 SUMMARY_JSON = "summary.json"
+# The retraining run's pages: the challenger's training curves (warm start or from pretrained), its
+# evaluation and the comparison with the champion.
+RETRAIN_PAGES = {
+    "training_curves.html": ("", "curves"),
+    "report.html": ("evaluate", "report"),
+    "report.md": ("evaluate", "table"),
+    "comparison.html": ("promote", "report"),
+    "comparison.md": ("promote", "comparison"),
+}
 
 
 def retrain_arguments(
@@ -430,7 +464,7 @@ def run_retrain_local(
     workdir = Path(workdir).resolve()
     for sub in ("kfp", "workspace"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
-    for name in ("comparison.html", "comparison.md", SUMMARY_JSON):
+    for name in (*RETRAIN_PAGES, SUMMARY_JSON):
         (workdir / name).unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -487,9 +521,8 @@ def run_retrain_local(
         "kfp_run": str(run_dir),
         "seconds": round(time.monotonic() - start, 1),
     }
+    summary["pages"] = copy_pages(outputs, workdir, RETRAIN_PAGES)
     if promote:
-        shutil.copyfile(outputs[promote]["report"]["uri"], workdir / "comparison.html")
-        shutil.copyfile(outputs[promote]["comparison"]["uri"], workdir / "comparison.md")
         summary["comparison"] = str(workdir / "comparison.md")
     (workdir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
     return summary
@@ -516,4 +549,8 @@ def retrain_summary(summary: dict, workdir: Path) -> str:
     ]
     if "comparison" in summary:
         lines.append(f"comparison: {workdir / 'comparison.html'} and {summary['comparison']}")
+    pages = summary.get("pages", {})
+    for file, label in (("training_curves.html", "training curves"), ("report.html", "evaluation report")):
+        if file in pages:
+            lines.append(f"{label}: {pages[file]}")
     return "\n".join(lines)

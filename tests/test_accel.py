@@ -265,13 +265,15 @@ from kfp import dsl
 from components.train import train
 model = dsl.Model(uri="file://{tmp_path}/model")
 model.path = "{tmp_path}/model.json"
+curves = dsl.HTML(uri="file://{tmp_path}/curves")
+curves.path = "{tmp_path}/curves.html"
 train(
     dataset=dsl.Dataset(uri="s3://b/ds", metadata={{"manifest_uri": "{tmp_path}/no-data/manifest.json"}}),
     weights=dsl.Model(uri="s3://b/w", metadata={{"checkpoint_uri": "{tmp_path}/no-weights.pth"}}),
     config="configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml", config_opts=[], static_canvas=[],
     device={device!r}, amp=True, root="{tmp_path}/root", run_id="", job_id="job-1",
     iterations=2, learning_rate=0.01, batch_per_device=1,
-    nproc_per_node="8", accelerator="huawei.com/Ascend910", model=model,
+    nproc_per_node="8", accelerator="huawei.com/Ascend910", model=model, curves=curves,
 )
 """
     repo = Path(__file__).resolve().parents[1]
@@ -304,6 +306,7 @@ def test_a_cpu_only_pod_that_requested_8_npus_fails_before_any_worker_starts(tmp
     assert explicit.returncode != 0
     output = explicit.stdout + explicit.stderr
     assert "running on the CPU, as asked" in output
-    assert "starting 8 workers" in output
     assert "AcceleratorError" not in output
-    assert "no-weights.pth" in output  # the workers got as far as the (missing) weights
+    # The missing data is found next, by run_training, before any worker starts.
+    assert "no-data/manifest.json" in explicit.stderr.strip().splitlines()[-1]
+    assert "starting 8 workers" not in output

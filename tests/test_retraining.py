@@ -32,6 +32,7 @@ OPTS = [
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
     "DATALOADER.NUM_WORKERS", "0",
     "SOLVER.WARMUP_ITERS", "1",
+    "TEST.EVAL_PERIOD", "1",  # AP after every iteration: the training curves' and comparison's AP
     "SEED", "5",
 ]  # fmt: skip
 STATIC = [[192, 192]]
@@ -73,8 +74,8 @@ def schedule(s3_server, tmp_path_factory):
     def run(**overrides):
         summary = run_retrain_local(workdir, TINY, server=s3_server, bucket=bucket,
                                     overrides={**FIXTURE_RUN, **overrides})  # fmt: skip
-        for name in ("comparison.md", "comparison.html"):  # the next run replaces them
-            path = workdir / name
+        for name in ("comparison.md", "comparison.html", "training_curves.html", "report.html"):
+            path = workdir / name  # the next run replaces them
             summary[name] = path.read_text() if path.is_file() else None
         runs.append(summary)
         return summary
@@ -136,7 +137,9 @@ def test_force_trains_anyway_and_a_worse_challenger_is_rejected(history, s3_env)
     md = forced["comparison.md"]
     assert md.startswith("# Champion vs challenger") and "REJECTED" in md and "Per-category AP" in md
     html = forced["comparison.html"]
-    assert html.count("<img") == 2 * 3  # three example images, champion and challenger each
+    assert html.count("data:image/png") == 2 * 3  # three example images, champion and challenger each
+    # Both models evaluated after their last iteration (TEST.EVAL_PERIOD): their AP over training.
+    assert "<h2>AP over training</h2>" in html and html.count("data:image/svg+xml") == 1
 
 
 def test_more_data_trains_a_warm_challenger_against_the_reevaluated_champion(history, s3_env):
@@ -199,3 +202,21 @@ def test_make_demo_twice_trains_then_skips(tmp_path):
     assert (second["trained"], second["promoted"]) == (False, False)
     assert second["champion"] == first["champion"] and second["champion"] is not None
     assert "did not train, skipped" in proc.stdout
+
+
+def test_each_run_leaves_its_pages_and_they_render(history, tmp_path, chromium):
+    """The pages a run leaves in the work directory (what `make demo` shows): the challenger's
+    training curves, its evaluation report with the precision/recall curves, and the comparison."""
+    from browser import check_page
+
+    pages = {"training_curves.html", "report.html", "report.md", "comparison.html", "comparison.md"}
+    assert set(history[0]["pages"]) == pages
+    assert history[1]["pages"] == {} and history[1]["training_curves.html"] is None  # skipped: none
+    for run, curves_title in ((history[0], "Training curves"), (history[3], "Fine-tuning curves")):
+        assert set(run["pages"]) == pages
+        assert f"<title>{curves_title}</title>" in run["training_curves.html"]
+        assert "<h2>Precision/recall</h2>" in run["report.html"]
+        for name, figures in (("training_curves.html", 3), ("report.html", 2), ("comparison.html", 1)):
+            path = tmp_path / f"{curves_title[:4]}-{name}"
+            path.write_text(run[name])
+            check_page(chromium, path, min_figures=figures)

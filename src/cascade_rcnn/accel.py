@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cascade_rcnn.errors import CascadeRCNNError
+
 log = logging.getLogger(__name__)
 
 # Collective backend per device type: gloo on CPU, NCCL on NVIDIA, HCCL on Ascend.
@@ -28,7 +30,7 @@ AMP_DTYPES = {
 }
 
 
-class AcceleratorError(RuntimeError):
+class AcceleratorError(CascadeRCNNError, RuntimeError):
     """The requested device is unavailable or the AMP settings do not fit it."""
 
 

@@ -17,10 +17,12 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from cascade_rcnn.errors import CascadeRCNNError
+
 BASE_KEY = "_BASE_"
 
 
-class ConfigError(ValueError):
+class ConfigError(CascadeRCNNError, ValueError):
     """A config file or override is invalid; the message names the key and the source."""
 
 
@@ -431,7 +433,7 @@ def _suggest(node: Any, key: str, prefix: str) -> str:
     if not isinstance(node, dict):
         return ""
     close = difflib.get_close_matches(str(key), [str(k) for k in node], n=1)
-    return f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
 def _parse_literal(raw: str) -> Any:

@@ -123,11 +123,9 @@ def _examples(cfg_path: str, opts: Sequence[str], weights: str, split: Any) -> d
     cfg = load_config(cfg_path, list(opts))
     dev = accelerator_from_cfg(cfg, 0).device
     model = load_model(cfg, weights, dev, thing_classes=split.meta.thing_classes)
-    _, predictions = evaluate_model(
-        model, cfg, split, device=dev, progress=False, keep_images=len(split.records)
-    )
+    found = evaluate_model(model, cfg, split, device=dev, progress=False, keep_images=len(split.records))
     out = {}
-    for pred in predictions:
+    for pred in found.predictions:
         image = pred.get("image")
         image = _read_image_rgb(pred["file_name"]) if image is None else image
         det = results_to_detections(
@@ -135,6 +133,23 @@ def _examples(cfg_path: str, opts: Sequence[str], weights: str, split: Any) -> d
         )
         out[pred["image_id"]] = (image, det)
     return out
+
+
+def _ap_history(checkpoint_uri: str):
+    """The AP during the training run that left `checkpoint_uri` (its folder's metrics.jsonl), or
+    None when that is gone."""
+    from cascade_rcnn.engine.curves import eval_series
+    from cascade_rcnn.engine.metrics import read_rows
+    from cascade_rcnn.evaluation.compare import APHistory
+
+    try:
+        rows = read_rows(checkpoint_uri.rsplit("/", 1)[0])
+    except storage.StorageError as e:
+        logger.warning("no AP history for %s: %s", checkpoint_uri, e)
+        return None
+    if not rows:
+        return None
+    return APHistory(eval_series(rows), max(int(r["iteration"]) for r in rows))
 
 
 def decide_promotion(
@@ -243,6 +258,10 @@ def decide_promotion(
         "history record": decision.history_uri,
     }
     champion_metrics = decision.champion_metrics
+    history = {"challenger": _ap_history(checkpoint_uri)}
+    if decision.champion_before:
+        history["champion"] = _ap_history(decision.champion_before.checkpoint_uri)
+    history = {who: h for who, h in history.items() if h is not None}
     texts = (
         (
             comparison_markdown(
@@ -263,6 +282,7 @@ def decide_promotion(
                 decision=decision.decision,
                 reason=decision.reason,
                 details=details,
+                history=history,
             ),
             COMPARISON_HTML,
             report_html_to,

@@ -22,6 +22,8 @@ from ..comm import (
     seed_all,
     shared_seed,
 )
+from ..config import ConfigError
+from ..data.coco import DataError
 from ..logs import setup_training_logging
 from .checkpointer import FINAL, Checkpointer, restore_rng
 from .metrics import MetricsWriter, is_eval_row
@@ -91,7 +93,7 @@ class TrainJob:
 
 def batch_per_device(ims_per_batch: int, world_size: int) -> int:
     if ims_per_batch <= 0 or ims_per_batch % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"SOLVER.IMS_PER_BATCH={ims_per_batch} must be a positive multiple of the world size {world_size} "
             "(it is the total batch over all processes)"
         )
@@ -103,7 +105,7 @@ def train_splits(cfg, job: TrainJob) -> list[str]:
         return [job.train_split]
     names = list(cfg.DATASETS.TRAIN)
     if not names:
-        raise ValueError("no training split: set DATASETS.TRAIN in the config or pass --train-split")
+        raise ConfigError("no training split: set DATASETS.TRAIN in the config or pass --train-split")
     return names
 
 
@@ -115,13 +117,13 @@ def load_train_records(cfg, job: TrainJob):
     for name in train_splits(cfg, job):
         recs, m = load_split(job.data, name)
         if meta is not None and m.thing_classes != meta.thing_classes:
-            raise ValueError(
+            raise DataError(
                 f"{job.data}: split {name!r} has classes {m.thing_classes}, others {meta.thing_classes}"
             )
         records += recs
         meta = m
     if meta.num_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.ROI_HEADS.NUM_CLASSES={cfg.MODEL.ROI_HEADS.NUM_CLASSES} but {job.data} "
             f"({', '.join(train_splits(cfg, job))}) has {meta.num_classes} categories: {meta.thing_classes}"
         )

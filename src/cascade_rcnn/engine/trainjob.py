@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .. import storage
+from ..errors import CascadeRCNNError
 from .run import TrainJob
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ PATCH_MANAGER = "cascade-rcnn.org/launcher"
 _SHELL_SPECIAL = re.compile(r"[$`\\]")
 
 
-class TrainJobError(RuntimeError):
+class TrainJobError(CascadeRCNNError, RuntimeError):
     """The TrainJob failed, could not be scheduled in time, or could not be created."""
 
 
