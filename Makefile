@@ -4,11 +4,27 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-# torch as the developers' machines serve it; a CANN/CUDA image brings its own (see images/).
+# The supported torch range, tested at both ends (README, "Images and manifests"):
+# TORCH_PINS, the newest, is what we develop on and the cpu image ships; COMPAT_TORCH_PINS, the
+# oldest, is what the Ascend CANN 8.2.RC1 and CUDA images ship. tests/test_torch_range.py holds
+# pyproject.toml's floor and every pin in images/ to these two lines.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+COMPAT_TORCH_PINS ?= torch==2.5.1 torchvision==0.20.1
 PYTEST_ARGS ?=
+# The model-level tests run again on the oldest torch: detectron2 parity (inference and the
+# training step, dynamic and static), static mode with torch.compile, ops, engine, and the CLI's
+# train, evaluate and predict (dynamic, and static with --eval-after). test_static_cli's compiled
+# CLI run is left to `make test`: test_static_compile compiles the same steps here, in less time.
+COMPAT_VENV  := .venv-compat
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
+COMPAT_TESTS := tests/test_parity.py tests/test_train_parity.py tests/test_static_parity.py \
+	tests/test_static_inference.py tests/test_static_compile.py tests/test_static_ops.py \
+	tests/test_ops.py tests/test_modeling.py tests/test_engine_loop.py tests/test_engine_solver.py \
+	tests/test_engine_checkpoint.py tests/test_engine_launch.py \
+	tests/test_static_cli.py::test_train_eval_and_predict_in_static_mode \
+	tests/test_trained_checkpoint.py tests/test_comm.py tests/test_torch_range.py
 
-.PHONY: venv demo test lint unit browser test-containers clean
+.PHONY: venv demo test lint unit browser test-compat test-containers clean
 
 venv: $(STAMP)
 
@@ -36,6 +52,18 @@ browser:
 
 test: lint unit
 
+# Its own venv; pip's cache (~/.cache/pip) keeps torch's wheels between runs, so a rebuild of
+# .venv-compat downloads nothing. The pins go in with the package so its ranges cannot lift them.
+$(COMPAT_STAMP): pyproject.toml Makefile
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install -q $(COMPAT_TORCH_PINS) -e '.[dev,pipeline]'
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_VENV)/bin/python -c "import torch, torchvision; print('test-compat: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	$(COMPAT_VENV)/bin/pytest -m "not containers" $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 # The retraining pipeline (ingest, check for new data, weights, train, evaluate, promote) under
 # kfp.local on CPU, against a SeaweedFS on 127.0.0.1 that keeps its data in demo_out/s3, on a
 # generated shapes data set. The first run trains and promotes; a second one finds the data
@@ -51,4 +79,4 @@ test-containers: $(STAMP)
 	bash images/local/test-containers.sh $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache demo_out
+	rm -rf $(VENV) $(COMPAT_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache demo_out

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Builds (and pushes) the images under the names the pipeline compile expects:
-#   REGISTRY/cascade-rcnn-TARGET:TAG   for TARGET in cpu, ascend, cuda
+#   REGISTRY/cascade-rcnn-TARGET:TAG   for TARGET in cpu, ascend, ascend-cann8.5, cuda
 #
 # Usage: images/build.sh [--engine docker|podman] [--registry R] [--tag T] [--push]
 #                        [--platform P] [--build-arg K=V]... [--dry-run] [TARGET...]
@@ -11,7 +11,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-targets_all=(cpu ascend cuda)
+targets_all=(cpu ascend ascend-cann8.5 cuda)
 engine=${ENGINE:-docker}
 registry=${REGISTRY:-localhost}
 tag=${TAG:-$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/pyproject.toml" | head -n 1)}

@@ -24,7 +24,8 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
-TARGETS = ("cpu", "ascend", "cuda")
+TARGETS = ("cpu", "ascend", "ascend-cann8.5", "cuda")
+ASCEND_TARGETS = ("ascend", "ascend-cann8.5")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SECRET_NAME = re.compile(r"(secret|passw|token|credential|api[_-]?key|access[_-]?key|private)", re.I)
 SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----)")
@@ -128,15 +129,15 @@ def parse_dockerfile(path: Path, build_args: dict[str, str] | None = None) -> Do
     return Dockerfile(path, global_args, stages)
 
 
-def target_build_args(target: str) -> tuple[Path, dict[str, str]]:
+def target_build_args(target: str, images: Path = IMAGES) -> tuple[Path, dict[str, str]]:
     """(Dockerfile, build args) of a target, as images/build.sh builds it: its own Dockerfile, or the
     one its build-args file names, with those arguments."""
-    own = IMAGES / target / "Dockerfile"
+    own = images / target / "Dockerfile"
     if own.is_file():
         return own, {}
-    lines = (IMAGES / target / "build-args").read_text().splitlines()
+    lines = (images / target / "build-args").read_text().splitlines()
     args = dict(line.partition("=")[::2] for line in lines if line and not line.startswith("#"))
-    return ROOT / args.pop("DOCKERFILE"), {**args, "IMAGE_TARGET": target}
+    return images.parent / args.pop("DOCKERFILE"), {**args, "IMAGE_TARGET": target}
 
 
 def dockerfile(target: str) -> Dockerfile:
@@ -384,8 +385,8 @@ def pins(target: str) -> dict[str, str]:
     return out
 
 
-def pyproject_specifier(name: str) -> SpecifierSet:
-    project = PYPROJECT["project"]
+def pyproject_specifier(name: str, pyproject: dict = PYPROJECT) -> SpecifierSet:
+    project = pyproject["project"]
     requirements = project["dependencies"] + [
         r for reqs in project["optional-dependencies"].values() for r in reqs
     ]
@@ -416,13 +417,14 @@ def test_cpu_image_runs_the_torch_the_tests_run():
     assert made == {k: v for k, v in pins("cpu").items()}
 
 
-def test_ascend_torch_npu_is_the_release_for_its_cann():
-    base = dockerfile("ascend").global_args["BASE_IMAGE"]
+@pytest.mark.parametrize("target", ASCEND_TARGETS)
+def test_ascend_torch_npu_is_the_release_for_its_cann(target):
+    base = dockerfile(target).global_args["BASE_IMAGE"]
     match = re.fullmatch(r"[\w./-]+/cann:(\d+\.\d+\.(?:rc\d+|\d+))-(910|910b|a3)-[\w.]+-py(3\.\d+)", base)
     assert match, f"BASE_IMAGE {base!r} is not a <cann>-<chip>-<os>-py<ver> CANN image"
     cann = match.group(1)
     assert cann in TORCH_NPU_FOR_CANN, f"no known torch_npu pairing for CANN {cann}"
-    assert pins("ascend")["torch-npu"] in TORCH_NPU_FOR_CANN[cann]
+    assert pins(target)["torch-npu"] in TORCH_NPU_FOR_CANN[cann]
 
 
 def test_cuda_base_carries_the_pinned_torch():
@@ -582,4 +584,4 @@ def test_build_script_defaults_and_errors():
     ]
     result = run_script(str(IMAGES / "build.sh"), "--dry-run", "gpu")
     assert result.returncode == 2 and "unknown target 'gpu'" in result.stderr
-    assert "cpu ascend cuda" in result.stderr
+    assert "cpu ascend ascend-cann8.5 cuda" in result.stderr

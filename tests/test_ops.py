@@ -17,6 +17,12 @@ EPS32 = torch.finfo(torch.float32).eps
 # test below: at most 3.4 * eps * sum|terms|. The bound is 32 * eps * sum|terms| per element; a wrong
 # weight or a missed sample moves a value by a whole term, orders of magnitude more.
 SUM_ULPS = 32
+# A compiled graph against eager: torch 2.5.1's inductor (make test-compat) computes the sampling
+# coordinates in another order, and a coordinate rounded differently moves the interpolated value by
+# up to coordinate x eps x the feature's slope. Measured over 96 random cases of the test's shapes,
+# 2 threads: at most 922 eps x sum|terms| on 2.5.1 and 2 on 2.14.1. A missed sample or a wrong
+# weight moves a value by a whole term, about 1 / (144 eps) = 6e4 of these units with 144 terms.
+COMPILED_SUM_ULPS = 4096
 
 
 def roi_align_terms(feats, rois, levels, output, scales, sampling_ratio, aligned, g=None):
@@ -32,13 +38,15 @@ def roi_align_terms(feats, rois, levels, output, scales, sampling_ratio, aligned
     return torch.autograd.grad((out * g.abs().double()).sum(), feats64)
 
 
-def assert_sums_close(actual: torch.Tensor, expected: torch.Tensor, terms: torch.Tensor) -> None:
+def assert_sums_close(
+    actual: torch.Tensor, expected: torch.Tensor, terms: torch.Tensor, ulps: int = SUM_ULPS
+) -> None:
     assert actual.shape == expected.shape == terms.shape
     diff = (actual.double() - expected.double()).abs()
-    bound = SUM_ULPS * EPS32 * terms
+    bound = ulps * EPS32 * terms
     bad = diff > bound
     assert not bad.any(), (
-        f"{int(bad.sum())} of {bad.numel()} elements differ by more than {SUM_ULPS} eps x sum|terms|; "
+        f"{int(bad.sum())} of {bad.numel()} elements differ by more than {ulps} eps x sum|terms|; "
         f"worst {float((diff / bound.clamp_min(1e-30)).max()):.3g} x the bound, largest difference {float(diff.max()):.3g}"
     )
 
@@ -284,7 +292,10 @@ def _compile_counters():
 @pytest.mark.slow
 def test_compiled_nms_and_pooling_are_one_graph_for_any_data():
     """fullgraph compile on CPU; new valid patterns and box values reuse the one graph."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()  # reset() keeps the counters: an earlier test's graphs would count here
     nms = torch.compile(ops.batched_nms_fixed, fullgraph=True)
     pool = torch.compile(ops.multilevel_roi_align, fullgraph=True)
     gen = torch.Generator().manual_seed(5)
@@ -307,6 +318,7 @@ def test_compiled_nms_and_pooling_are_one_graph_for_any_data():
             out,
             ops.multilevel_roi_align(feats, rois, levels, 7, scales, 0, True),
             roi_align_terms(feats, rois, levels, 7, scales, 0, True),
+            ulps=COMPILED_SUM_ULPS,
         )
         graphs, recompiles = _compile_counters()
         assert (graphs, recompiles) == (2, 0), trial

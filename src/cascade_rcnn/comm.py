@@ -40,10 +40,34 @@ class DistInfo:
         return cls(rank=rank, local_rank=local, world_size=world)
 
 
+# Before torch 2.8, destroying a gloo process group joins its worker threads while holding the GIL,
+# and a worker that needs the GIL to finish (dropping the last reference to a tensor) never does:
+# teardown can hang for good. Upstream fixed it in pytorch PR 154976 ("Release GIL in PG
+# destructor", June 2025, first in 2.8). hccl and nccl are not affected.
+GLOO_SAFE_TEARDOWN = (2, 8)
+
+
+def unsafe_gloo_teardown(backend: str, world_size: int, torch_version: str = torch.__version__) -> str | None:
+    """Why this process group must not start (a gloo group of several processes on a torch whose
+    teardown can hang), or None when it may."""
+    release = tuple(int(x) for x in torch_version.split("+")[0].split(".")[:2])
+    if backend != "gloo" or world_size <= 1 or release >= GLOO_SAFE_TEARDOWN:
+        return None
+    return (
+        f"WORLD_SIZE={world_size} on CPU uses the gloo backend, whose process group can hang at exit "
+        f"on torch {torch_version} (fixed in torch 2.8, pytorch PR 154976). Run one process "
+        "(--nproc-per-node 1), or use torch >= 2.8 for several CPU processes (the cpu image ships "
+        "2.14). NPU (hccl) and GPU (nccl) runs are not affected."
+    )
+
+
 def init_process_group(info: DistInfo, accel: Accelerator, timeout_min: int = 30) -> None:
     """Join the job's process group over env:// (MASTER_ADDR/MASTER_PORT) with the device's backend."""
     if info.world_size <= 1 or dist.is_initialized():
         return
+    problem = unsafe_gloo_teardown(accel.backend, info.world_size)
+    if problem:
+        raise RuntimeError(problem)
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
             raise ValueError(f"WORLD_SIZE={info.world_size} but {key} is not set in the environment")
