@@ -10,6 +10,10 @@ Determinism and resume (what the trainer's bit-identical resume relies on):
   the same items with the same augmentations as a 1-rank run over the same global batch (ranks take
   the even/odd positions); with aspect grouping on, the split into per-device batches may differ.
 
+Workers ignore SIGTERM: on preemption the trainer process finishes its iteration and checkpoints it
+(engine/preemption.py), and a worker dying of the signal would make the DataLoader raise in the
+middle of that iteration. A worker still ends with its trainer (torch's watchdog) or by SIGKILL.
+
 Errors: a worker never raises; it hands back an `_ItemFailure` carrying a message that names the file
 and image id, and the main process raises DataError with that message when the batch arrives.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -89,6 +94,10 @@ class MappedDataset(Dataset):
             )
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _collate(batch: list) -> list:
     return batch
 
@@ -148,6 +157,7 @@ class TrainLoader:
             num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=self.pin_memory,
+            worker_init_fn=_ignore_sigterm,
             multiprocessing_context=self.mp_context if self.num_workers > 0 else None,
         )
 
@@ -255,6 +265,7 @@ class InferenceLoader:
             num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=self.pin_memory,
+            worker_init_fn=_ignore_sigterm,
             multiprocessing_context=self.mp_context if self.num_workers > 0 else None,
         )
         for batch in loader:

@@ -7,7 +7,8 @@ A checkpoint is one torch.save'd dict of tensors and plain types (loadable with 
 
 `model_XXXXXXX.pth` is written after iteration XXXXXXX (0-based) completes, `model_final.pth` at the end.
 Each file is written whole (storage writes are atomic); only then is the pointer `last_checkpoint`
-rewritten to name it, so the pointer always names a complete checkpoint.
+rewritten to name it, so the pointer always names a complete checkpoint. The trainer calls `save`
+on a background thread with a `host_copy` of the state (engine/background.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import logging
 import os
 import random
 import re
+import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,11 +63,12 @@ class Checkpointer:
         if not self.is_writer:
             return None
         uri = self.uri(name)
+        start = time.monotonic()
         extra = {k: v for k, v in payload.items() if k not in ("model", "meta")}
         save_checkpoint(uri, payload["model"], payload.get("meta"), extra=extra)
         # The pointer changes only after the file it names is complete.
         storage.put_bytes(name.encode(), self.uri(POINTER))
-        log.info("saved checkpoint %s", uri)
+        log.info("saved checkpoint %s in %.1f s; %s names it", uri, time.monotonic() - start, POINTER)
         self._prune(name)
         return uri
 
@@ -127,6 +132,22 @@ class Checkpointer:
                 f"checkpoint {uri} lacks the 'model' and 'trainer' entries of a training checkpoint"
             )
         return payload
+
+
+def host_copy(value: Any) -> Any:
+    """A copy of a checkpoint payload that training cannot change any more: every tensor copied to
+    host memory (a CPU tensor cloned: the optimizer updates parameters and its state in place),
+    containers rebuilt, plain values as they are."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        return t.clone() if t.device.type == "cpu" else t.to("cpu")
+    if isinstance(value, Mapping):
+        return {k: host_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [host_copy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(host_copy(v) for v in value)
+    return value
 
 
 # ---- RNG state as plain types (weights_only=True cannot load numpy arrays) ----

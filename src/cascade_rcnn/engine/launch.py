@@ -9,6 +9,14 @@ Process layout follows torchrun:
   (`torch.distributed.launcher.api.elastic_launch`), nodes meeting at MASTER_ADDR:MASTER_PORT with
   this node's rank from PET_NODE_RANK (as PyTorchJob sets them);
 - otherwise: one process, no process group.
+
+SIGTERM (preemption): every worker finishes its iteration, the workers checkpoint it together and
+exit non-zero (engine/preemption.py), and the step's retry resumes. torch's elastic agent would
+instead SIGKILL the workers 30 s after passing SIGTERM on (PContext.close(timeout=30); configurable
+only from the release with pytorch/pytorch#172596, TORCH_ELASTIC_SHUTDOWN_TIMEOUT), too soon for a
+large checkpoint's upload. It installs that handler only from the main thread (PContext.start), so
+`launch_elastic` runs the agent on another thread, and the main thread forwards SIGTERM to the
+workers and waits for them.
 """
 
 from __future__ import annotations
@@ -16,13 +24,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import uuid
 
 from .. import storage
 from ..logs import setup_training_logging
 from .metrics import last_eval
+from .preemption import EXIT_CODE, StopSignal, TrainingInterrupted
 from .run import TrainJob, run_worker
 
 __all__ = ["TrainJob", "run_training", "run_command"]
@@ -140,8 +151,68 @@ def launch_elastic(cfg, job: TrainJob, nproc_per_node: int) -> str | None:
     log.info(
         "starting %d workers on node %d of %d (master %s:%d)", nproc_per_node, node_rank, nnodes, addr, port
     )
-    results = elastic_launch(config, run_worker)(cfg, job)  # spawn pickles them
+    results = _run_agent(lambda: elastic_launch(config, run_worker)(cfg, job))  # spawn pickles them
     return results.get(0) if isinstance(results, dict) else None
+
+
+def _child_pids() -> list[int]:
+    """This process's children (the agent's workers; multiprocessing's resource tracker ignores
+    SIGTERM), from /proc."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            found.append(int(entry))
+    return found
+
+
+def _run_agent(launch):
+    """launch() (the elastic agent) on a thread of its own, SIGTERM handled here: passed on to the
+    workers, which checkpoint and exit; their failure then comes back as TrainingInterrupted."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = launch()
+        except BaseException as exc:  # re-raised in the main thread
+            outcome["error"] = exc
+
+    stop = StopSignal()
+
+    def forward(signum: int, frame: object) -> None:
+        stop.handle(signum, frame)
+        for pid in _child_pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, forward)
+    agent = threading.Thread(target=run, name="elastic-agent", daemon=True)
+    agent.start()
+    try:
+        while agent.is_alive():
+            agent.join(0.5)  # wakes up for signal handlers
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    error = outcome.get("error")
+    if error is not None:
+        if stop:
+            raise TrainingInterrupted(
+                "stopped on request (SIGTERM): the workers checkpointed their last finished iteration "
+                "(see their log); the same command (the step's retry) resumes from it"
+            ) from error
+        raise error
+    return outcome.get("result")
 
 
 def run_training(job: TrainJob) -> dict | None:
@@ -191,7 +262,11 @@ def run_command(command: str, argv: list[str]) -> int:
     """`cascade-rcnn COMMAND ARGV...` for COMMAND "train" or "finetune" (the `cascade-rcnn` CLI's entry)."""
     if command not in ("train", "finetune"):
         raise ValueError(f"cascade_rcnn.engine.launch handles train and finetune, not {command!r}")
-    record = run_training(job_from_args(command, build_parser(command).parse_args(argv)))
+    try:
+        record = run_training(job_from_args(command, build_parser(command).parse_args(argv)))
+    except TrainingInterrupted as e:
+        log.error("%s", e)
+        return EXIT_CODE
     if record:
         print(f"final checkpoint: {record['checkpoint_uri']}")
     return 0
