@@ -7,7 +7,8 @@ Two kinds of settings:
   (16 images per NPU = 128 per step, base LR 0.2, 22500 iterations, LR steps at 15000 and 20000,
   AMP);
 - compile options (`CompileOptions`: fixed in the compiled YAML): images, node selector,
-  toleration, /dev/shm size, timeout, retries, CPU/memory, the S3 Secret's key names. kfp-kubernetes
+  toleration, /dev/shm size, timeout, retries, termination grace period, CPU/memory, the S3 Secret's
+  key names. kfp-kubernetes
   takes only constants for the emptyDir and the timeout; the others describe the cluster rather than a
   run, so they sit with them.
 
@@ -68,6 +69,10 @@ class CompileOptions:
     shm_size: str = "64Gi"
     train_timeout_s: int = 3 * 24 * 3600
     train_retries: int = 3
+    # SIGTERM to SIGKILL for the training pods: one iteration and one checkpoint upload (R50-FPN
+    # with momentum: ~0.5 GB). KFP offers no way to set it on a step's pod (docs/cluster.md), so it
+    # reaches the TrainJob nodes (nodes > 1) only.
+    termination_grace_s: int = 300
     cpu_request: str = "32"
     memory_request: str = "128Gi"
     memory_limit: str = "256Gi"
@@ -108,6 +113,7 @@ class CompileOptions:
             },
             "shm_size": self.shm_size,
             "schedule_timeout_s": self.trainjob_schedule_timeout_s,
+            "termination_grace_s": self.termination_grace_s,
         }
         if self.accelerator:
             settings["node_selector"] = dict(self.node_selector)

@@ -5,7 +5,6 @@ permanent ones fail at once, a spent budget fails naming the URI."""
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
 from conftest import point_env_at
+from s3_proxy import S3Proxy
 
 from cascade_rcnn import storage
 from cascade_rcnn.local_s3 import start_seaweedfs
@@ -142,72 +142,25 @@ def test_permanent_errors_are_not_retried(server, monkeypatch: pytest.MonkeyPatc
     assert not [r for r in caplog.records if WAITING in r.getMessage()]
 
 
-class _LosingProxy:
-    """A TCP proxy in front of the server that, while `lose` is set, cuts the next connection that
-    gets an answer instead of relaying it. With `final` the interim "100 Continue" (botocore sends
-    `Expect: 100-continue` with a PUT body) is relayed and the final answer lost: a write that landed
-    whole; without, the body is cut off before the server has it."""
-
-    def __init__(self, port: int):
-        self.target = ("127.0.0.1", port)
-        self.lose = threading.Event()
-        self.final = True
-        self.lost = 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                interim = data.startswith(b"HTTP/1.1 100")
-                if answers and self.lose.is_set() and not (self.final and interim):
-                    self.lose.clear()
-                    self.lost += 1
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_conditional_write_whose_answer_was_lost_is_a_success(
     server, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     """The registry's champion update is a conditional PUT. If its answer is lost after the object was
     written, the repeat finds the condition failed by our own write: that is a success, not a lost
     race (and a real conflict still raises)."""
-    proxy = _LosingProxy(int(server.endpoint_url.rsplit(":", 1)[1]))
+    proxy = S3Proxy(int(server.endpoint_url.rsplit(":", 1)[1]))
     try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
         uri = f"s3://{BUCKET}/registry/champion.json"
-        proxy.lose.set()
+        lost = proxy.on(r"If-None-Match: \*", drop_answer="final")
         version = storage.put_bytes_if(b'{"run": 1}', uri, None)
-        assert proxy.lost == 1
+        assert lost.fired.is_set()
         data, current = storage.get_versioned(uri)
         assert data == b'{"run": 1}' and current == version
 
-        proxy.lose.set()
+        lost = proxy.on("If-Match: ", drop_answer="final")
         newer = storage.put_bytes_if(b'{"run": 2}', uri, version)
-        assert proxy.lost == 2 and newer != version
+        assert lost.fired.is_set() and newer != version
         assert storage.get_versioned(uri) == (b'{"run": 2}', newer)
         with pytest.raises(PreconditionFailed):
             storage.put_bytes_if(b'{"run": 3}', uri, version)  # a stale version is still refused
@@ -215,11 +168,10 @@ def test_conditional_write_whose_answer_was_lost_is_a_success(
         # Cut before the body arrived: SeaweedFS stores what it got, an empty object carrying our
         # metadata. The repeat is refused by that object, finds it is ours and cut short, and
         # replaces it.
-        proxy.final = False
-        proxy.lose.set()
         other = f"s3://{BUCKET}/registry/other.json"
+        lost = proxy.on(r"/registry/other\.json", drop_answer="first")
         version = storage.put_bytes_if(b'{"run": 4}', other, None)
-        assert proxy.lost == 3
+        assert lost.fired.is_set()
         assert storage.get_versioned(other) == (b'{"run": 4}', version)
         assert "replacing our own write that was cut short" in caplog.text
     finally:

@@ -26,7 +26,7 @@ from ..logs import setup_training_logging
 from .checkpointer import FINAL, Checkpointer, restore_rng
 from .metrics import MetricsWriter, is_eval_row
 from .periodic_eval import TrainingEvaluator, eval_output, eval_splits
-from .preemption import StopSignal
+from .preemption import StopSignal, TrainingInterrupted
 from .solver import build_grad_clipper, build_lr_scheduler, build_optimizer
 from .trainer import Trainer, training_state
 
@@ -354,6 +354,10 @@ def run_worker(cfg, job: TrainJob) -> str | None:
     stop = StopSignal().install()
     try:
         final = train(cfg, job, accel, info, stop)
+    except TrainingInterrupted as e:
+        if info.world_size > 1:
+            log.warning("%s", e)  # every rank says where it stopped; a launcher reports one failure
+        raise
     finally:
         stop.uninstall()
         destroy_process_group()
