@@ -23,7 +23,7 @@ from torch import nn
 from ..accel import Accelerator
 from ..comm import all_gather_objects, any_rank, is_distributed, reduce_step_metrics, unwrap
 from .background import BackgroundWriter
-from .checkpointer import FINAL, POINTER, Checkpointer, capture_rng, host_copy, periodic_name, restore_rng
+from .checkpointer import FINAL, POINTER, Checkpointer, HostStaging, capture_rng, periodic_name, restore_rng
 from .metrics import LOG_PERIOD, IterationRecord, MetricsWriter, MetricWindows
 from .preemption import TrainingInterrupted
 
@@ -75,6 +75,7 @@ class Trainer:
     stop: Callable[[], bool] | None = None
     background: bool = True
     writer: BackgroundWriter = field(default_factory=BackgroundWriter)
+    staging: HostStaging = field(default_factory=HostStaging)
     # Seconds each checkpoint held up the loop (state gathered and copied, the previous write waited
     # for, or the whole write when not in the background); rank 0's are the ones that mean much.
     checkpoint_stalls: list[float] = field(default_factory=list)
@@ -271,10 +272,12 @@ class Trainer:
         payload = self.make_state(self, iteration)
         if not self.checkpointer.is_writer:
             return
+        waited = self.writer.wait()  # the previous write is done with the staging buffers
         upload_metrics = self.metrics.snapshot() if self.metrics is not None else None
+        copied = time.perf_counter()
         if self.background:
-            payload = host_copy(payload)  # training may now change the live tensors
-        copied = time.perf_counter() - start
+            payload = self.staging.copy(payload)  # training may now change the live tensors
+        copied = time.perf_counter() - copied
         checkpointer = self.checkpointer
 
         def write() -> None:
@@ -282,14 +285,14 @@ class Trainer:
                 upload_metrics()  # metrics up to this iteration land with the checkpoint
             checkpointer.save(name, payload)
 
-        waited = self._write(write, checkpointer.uri(name))
+        self._write(write, checkpointer.uri(name))
         stall = time.perf_counter() - start
         self.checkpoint_stalls.append(stall)
         if self.background:
             log.info(
-                "checkpoint %s: training held up %.2f s (state copied in %.2f s, %.2f s waiting for "
-                "the previous write); writing it in the background",
-                name, stall, copied, waited,
+                "checkpoint %s: training held up %.2f s (%.2f s waiting for the previous write, "
+                "state copied in %.2f s); writing it in the background",
+                name, stall, waited, copied,
             )  # fmt: skip
 
     def save_final(self) -> None:
