@@ -243,7 +243,9 @@ alive_after_sigterm = workers()
 flag.write_text("")
 next(it)  # hands the worker another item: it is now stuck in the mapper
 time.sleep(1)
-it.close()  # the DataLoader shuts down: join, then the trainer's own SIGTERM
+it.close()  # the DataLoader shuts down: join, then the trainer's own SIGTERM (no join after it)
+while workers() and not (flag.parent / "finished").exists():
+    time.sleep(0.05)
 print(json.dumps({"after": len(after), "alive": alive_after_sigterm, "left": workers()}), flush=True)
 """
 
