@@ -11,7 +11,8 @@ buffers exist and the checkpoint has its real size) and then checkpoints through
   uploaded, pointer written);
 - background: the stall is what `save` holds up the loop (state gathered and copied to host
   memory), plus what the training steps that run during the write lose to it (their time beyond
-  the median step measured before: the writer thread competes for the CPU and the GIL).
+  the median of the steps before and after the write: the writer thread competes for the CPU and
+  the GIL, which on an accelerator host with cores to spare matters far less than here).
 The steps run on small synthetic images (--size) so that they are short; the checkpoint does not
 depend on them. Repeats alternate sync and background; each figure is the median.
 """
@@ -87,33 +88,39 @@ def one(cfg, size, output: str, background: bool, baseline_steps: int) -> dict:
         trainer.run_step(it)
         it += 1
     steps = []
-    for _ in range(baseline_steps):
-        t0 = time.perf_counter()
-        trainer.run_step(it)
-        steps.append(time.perf_counter() - t0)
-        it += 1
-    step = statistics.median(steps)
+
+    def timed_steps(n: int) -> None:
+        nonlocal it
+        for _ in range(n):
+            t0 = time.perf_counter()
+            trainer.run_step(it)
+            steps.append(time.perf_counter() - t0)
+            it += 1
+
+    timed_steps(baseline_steps)
 
     name = f"model_{it - 1:07d}.pth"
     t0 = time.perf_counter()
     trainer.save(name, it - 1)
     held = time.perf_counter() - t0
-    during, lost = 0, 0.0
+    during: list[float] = []
     while trainer.writer.busy:  # the steps that run while the write goes on
         t1 = time.perf_counter()
         trainer.run_step(it)
-        lost += time.perf_counter() - t1 - step
-        during += 1
+        during.append(time.perf_counter() - t1)
         it += 1
     trainer.writer.wait()
     write_s = time.perf_counter() - t0
+    timed_steps(baseline_steps)
+    step = statistics.median(steps)
+    lost = sum(during) - len(during) * step
     size_mb = storage.head(trainer.checkpointer.uri(name)).size / 1e6
     return {
         "mode": "background" if background else "sync",
         "checkpoint_mb": round(size_mb, 1),
         "step_s": round(step, 3),
         "held_s": round(held, 3),  # save() itself
-        "steps_during_write": during,
+        "steps_during_write": len(during),
         "steps_slower_by_s": round(lost, 3),
         "stall_s": round(held + max(lost, 0.0), 3),
         "write_s": round(write_s, 3),  # from save() to the pointer naming the checkpoint
