@@ -70,7 +70,7 @@ class CompileOptions:
     train_timeout_s: int = 3 * 24 * 3600
     train_retries: int = 3
     # SIGTERM to SIGKILL for the training pods: one iteration and one checkpoint upload (R50-FPN
-    # with momentum: ~0.5 GB). KFP offers no way to set it on a step's pod (docs/cluster.md), so it
+    # with momentum: 576 MB). KFP offers no way to set it on a step's pod (docs/cluster.md), so it
     # reaches the TrainJob nodes (nodes > 1) only.
     termination_grace_s: int = 300
     cpu_request: str = "32"
