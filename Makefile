@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint unit test-containers clean
+.PHONY: venv demo test lint unit browser test-containers clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench components pipelines
 	$(VENV)/bin/ruff format --check src tests bench components pipelines
 
-unit: $(STAMP)
+unit: $(STAMP) browser
 	$(VENV)/bin/pytest -m "not containers" $(PYTEST_ARGS)
+
+# Headless Chromium (Debian's package, with the DejaVu fonts the charts name) for the tests that open
+# the report pages as a reader does (tests/browser.py). Installed when missing and apt-get can run as
+# root, as in CI; elsewhere those tests skip, and under CI=true they fail without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; } || \
+		echo "make browser: no chromium here and apt-get cannot install it; the page tests will skip"
 
 test: lint unit
 

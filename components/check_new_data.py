@@ -1,11 +1,11 @@
 """Component `check_new_data`: does the ingested data call for a new model? (cascade_rcnn.retrain)
 
 Runs on the CPU image between ingest and training, so an unchanged data set costs no accelerator
-pod. The `champion` output points at the current champion's checkpoint, for a warm start.
+pod. The `champion_uri` output is the current champion's checkpoint, for a warm start.
 """
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Model, Output
+from kfp.dsl import Dataset, Input, Markdown, Output, OutputPath
 from kfp.dsl.python_component import PythonComponent
 
 
@@ -18,14 +18,14 @@ def check_new_data(
     warm_start: bool,
     run_id: str,
     job_id: str,
-    champion: Output[Model],
+    champion_uri: OutputPath(str),
     decision: Output[Markdown],
 ) -> str:
     """Returns what to do: "warm-start" (train from the champion), "from-pretrained" or "skip".
     Training is due when there is no champion yet, the training split's data version changed, or
     with force; otherwise a "skipped: data unchanged" record goes to
     `<root>/models/<model_name>/history/`. (One string rather than named outputs: kfp.local cannot
-    resolve a named output parameter in a condition.)"""
+    resolve a named output parameter in a condition; champion_uri is only passed on.)"""
     from cascade_rcnn.logs import setup_logging
     from cascade_rcnn.retrain import check_for_new_data
 
@@ -39,11 +39,7 @@ def check_new_data(
         force=force,
         warm_start=warm_start,
     )
-    if check.champion is not None:
-        champion.metadata.update(
-            checkpoint_uri=check.champion.checkpoint_uri, record=check.champion.to_json()
-        )
-    with open(champion.path, "w") as f:
+    with open(champion_uri, "w") as f:
         f.write(check.champion.checkpoint_uri if check.champion else "")
     verdict = "train a challenger" if check.train else "skip training"
     lines = [f"# Retraining check: {verdict}", "", f"- **reason**: {check.reason}",

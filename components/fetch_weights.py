@@ -1,7 +1,8 @@
 """Component `fetch_weights`: pretrained weights, verified and stored as our checkpoint
 (cascade_rcnn.weights) under `<root>/weights/`.
 
-The Model artifact records the source, its sha256, its format and the checkpoint's URI.
+The Model artifact records the source, its sha256, its format and the checkpoint's URI; the step
+returns that URI too, as train and finetune return theirs, for steps that take a checkpoint.
 """
 
 from kfp import dsl
@@ -9,7 +10,7 @@ from kfp.dsl import Model, Output
 from kfp.dsl.python_component import PythonComponent
 
 
-def fetch_weights(source: str, sha256: str, root: str, model: Output[Model]):
+def fetch_weights(source: str, sha256: str, root: str, model: Output[Model]) -> str:
     """Fetch `source` (detectron2://..., torchvision://..., https, s3:// or a file); `sha256` is
     checked when not empty. The checkpoint's name depends on the source only, so a rerun overwrites
     the same object rather than piling up copies."""
@@ -40,6 +41,7 @@ def fetch_weights(source: str, sha256: str, root: str, model: Output[Model]):
     with open(model.path, "w") as f:
         json.dump(info, f, indent=1)
     print(json.dumps(info, indent=1))
+    return result.uri
 
 
 def build(base_image: str) -> PythonComponent:

@@ -2,15 +2,15 @@
 
 import argparse
 import logging
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+from cascade_rcnn.errors import add_debug_option, run_command
 from cascade_rcnn.logs import setup_logging
 from pipelines import retraining, training
 from pipelines.params import ParameterError, kfp_cron
-from pipelines.training import CompileOptions
+from pipelines.tasks import CompileOptions
 
 PIPELINES = {"training": training, "retraining": retraining}
 
@@ -32,7 +32,8 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-accelerator",
         action="store_true",
-        help="train and finetune on the CPU image without accelerator requests, node selector or "
+        help="train and finetune on the CPU image, with device defaulting to cpu and no accelerator "
+        "requests, node selector or "
         "toleration (clusters without NPUs)",
     )
     g.add_argument(
@@ -199,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, help="generated training images")
     p.add_argument("--val-images", type=int, help="generated validation images")
     p.add_argument(
+        "--eval-period",
+        type=int,
+        help="evaluate every N training iterations, for the AP on the training curves (0: never)",
+    )
+    p.add_argument(
         "--package",
         type=Path,
         help="run this compiled pipeline (e.g. pipelines/compiled/cascade_mask_rcnn_training.yaml) with "
@@ -213,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --package or --pipeline retraining: a run parameter on top (e.g. accelerator_count=1, "
         "amp=false, force=true, min_improvement=1.0); repeatable",
     )
+    for command in sub.choices.values():
+        add_debug_option(command)
     return parser
 
 
@@ -228,11 +236,12 @@ def _run_local(args: argparse.Namespace) -> int:
     from pipelines.run_local import LocalSettings, run_local, summary
 
     settings = LocalSettings()
-    for name in ("iterations", "finetune_iterations", "train_images", "val_images"):
+    for name in ("iterations", "finetune_iterations", "train_images", "val_images", "eval_period"):
         value = getattr(args, name)
+        lowest = 0 if name == "eval_period" else 1
         if value is not None:
-            if value < 1:
-                raise ParameterError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+            if value < lowest:
+                raise ParameterError(f"--{name.replace('_', '-')} {value}: must be at least {lowest}")
             setattr(settings, name, value)
     from pipelines.params import check_params, parse_params, pipeline_inputs
 
@@ -267,55 +276,59 @@ def _run_local(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        if args.command == "compile":
-            choice = args.pipeline or ("all" if args.output is None else "training")
-            names = sorted(PIPELINES) if choice == "all" else [choice]
-            if args.output is not None and len(names) > 1:
-                raise ParameterError("--output takes one pipeline: --pipeline training or retraining")
-            for name in names:
-                module = PIPELINES[name]
-                path = module.compile_pipeline(args.output or module.COMPILED, compile_options(args))
-                print(f"wrote {path}")
-            return 0
-        if args.command == "run-local":
-            return _run_local(args)
+    return run_command(f"python -m pipelines {args.command}", lambda: _run(args), args.debug)
 
-        from pipelines.submit import Connection, prepare, schedule, submit
 
-        if args.command == "schedule":
-            kfp_cron(args.cron)  # before anything else, so a bad schedule costs nothing
-        with tempfile.TemporaryDirectory(prefix="cascade-rcnn-pipeline-") as tmp:
-            package = _package(args, tmp)
-            params = prepare(
-                package, args.param, pipeline_root=args.pipeline_root, check_bucket=args.check_bucket
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "compile":
+        choice = args.pipeline or ("all" if args.output is None else "training")
+        names = sorted(PIPELINES) if choice == "all" else [choice]
+        if args.output is not None and len(names) > 1:
+            raise ParameterError("--output takes one pipeline: --pipeline training or retraining")
+        for name in names:
+            module = PIPELINES[name]
+            output = args.output or module.COMPILED
+            try:
+                path = module.compile_pipeline(output, compile_options(args))
+            except OSError as e:
+                raise ParameterError(f"--output {output}: cannot write it: {e}") from e
+            print(f"wrote {path}")
+        return 0
+    if args.command == "run-local":
+        return _run_local(args)
+
+    from pipelines.submit import Connection, prepare, schedule, submit
+
+    if args.command == "schedule":
+        kfp_cron(args.cron)  # before anything else, so a bad schedule costs nothing
+    with tempfile.TemporaryDirectory(prefix="cascade-rcnn-pipeline-") as tmp:
+        package = _package(args, tmp)
+        params = prepare(
+            package, args.param, pipeline_root=args.pipeline_root, check_bucket=args.check_bucket
+        )
+        conn = Connection(args.endpoint, args.namespace, args.ui_endpoint)
+        if args.command == "submit":
+            url = submit(
+                package,
+                params,
+                conn,
+                experiment=args.experiment,
+                run_name=args.run_name,
+                pipeline_root=args.pipeline_root,
+                enable_caching=False if args.no_cache else None,
+                service_account=args.service_account,
             )
-            conn = Connection(args.endpoint, args.namespace, args.ui_endpoint)
-            if args.command == "submit":
-                url = submit(
-                    package,
-                    params,
-                    conn,
-                    experiment=args.experiment,
-                    run_name=args.run_name,
-                    pipeline_root=args.pipeline_root,
-                    enable_caching=False if args.no_cache else None,
-                    service_account=args.service_account,
-                )
-                print(f"run: {url}")
-            else:
-                job_id = schedule(
-                    package,
-                    params,
-                    conn,
-                    args.cron,
-                    name=args.name,
-                    experiment=args.experiment,
-                    pipeline_root=args.pipeline_root,
-                    service_account=args.service_account,
-                )
-                print(f"recurring run: {job_id} (cron {args.cron!r} -> KFP {kfp_cron(args.cron)!r})")
-            return 0
-    except ParameterError as e:
-        print(f"python -m pipelines {args.command}: error: {e}", file=sys.stderr)
-        return 2
+            print(f"run: {url}")
+        else:
+            job_id = schedule(
+                package,
+                params,
+                conn,
+                args.cron,
+                name=args.name,
+                experiment=args.experiment,
+                pipeline_root=args.pipeline_root,
+                service_account=args.service_account,
+            )
+            print(f"recurring run: {job_id} (cron {args.cron!r} -> KFP {kfp_cron(args.cron)!r})")
+        return 0

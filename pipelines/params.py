@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.registry import MODEL_NAME_PATTERN
 
 # An accelerator step is one pod; Ascend forms collective groups of 1, 2, 4 or 8 NPUs (an HCCS ring
@@ -23,7 +24,7 @@ _CRON_FIELD = re.compile(r"^[0-9A-Za-z*?/,#-]+$")
 CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 
 
-class ParameterError(ValueError):
+class ParameterError(CascadeRCNNError, ValueError):
     """A run parameter, pipeline root or schedule is invalid; nothing was submitted."""
 
 
@@ -133,9 +134,13 @@ def check_params(params: Mapping[str, Any], inputs: Mapping[str, dict]) -> dict[
             problems.append(str(e))
     if "accelerator_count" in merged:
         n = merged["accelerator_count"]
+        if isinstance(n, int) and not isinstance(n, bool):
+            # A STRING parameter (the backend fills pod resources only from strings); ints are written out.
+            n = merged["accelerator_count"] = str(n)
         check(
-            isinstance(n, int) and valid_accelerator_count(n),
-            f"accelerator_count={n!r} is not a valid NPU group: use 1, 2, 4, 8 or a multiple of 8",
+            isinstance(n, str) and n.isdigit() and valid_accelerator_count(int(n)),
+            f"accelerator_count={n!r} is not a valid NPU group: write 1, 2, 4, 8 or a multiple of 8, "
+            "in digits only",
         )
     if "nodes" in merged:
         check(

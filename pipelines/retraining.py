@@ -14,23 +14,18 @@ A pipeline of its own rather than a `mode` of the training pipeline: its graph a
   promotes the challenger only if it beats the champion's `metric` by at least `min_improvement`;
   every decision goes to `<root>/models/<model_name>/history/`.
 
-Images, placement, retries and the S3 Secret are the training pipeline's CompileOptions.
+Images, placement, retries and the S3 Secret are the training pipeline's CompileOptions; the model
+steps (train or finetune, evaluate, promote) get the same ModelRun options (pipelines/tasks.py).
 """
 
 from pathlib import Path
 from typing import Optional, Union
 
-from kfp import compiler, dsl, kubernetes
+from kfp import compiler, dsl
 
 from components import check_new_data, evaluate, fetch_weights, ingest_coco, promote
-from pipelines.training import (
-    DEFAULT_CONFIG,
-    DEFAULT_WEIGHTS,
-    CompileOptions,
-    _with_s3_secret,
-    training_ops,
-    training_step,
-)
+from pipelines.tasks import CompileOptions, ModelRun, configure, training_ops
+from pipelines.training import DEFAULT_CONFIG, DEFAULT_WEIGHTS
 
 PIPELINE_NAME = "cascade-mask-rcnn-retraining"
 COMPILED = Path(__file__).resolve().parent / "compiled" / "cascade_mask_rcnn_retraining.yaml"
@@ -78,9 +73,9 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         warm_start_learning_rate: float = 0.02,
         batch_per_device: int = 16,
         accelerator_type: str = "huawei.com/Ascend910",
-        accelerator_count: int = 8,
+        accelerator_count: str = "8",
         nodes: int = 1,
-        device: str = "auto",
+        device: str = opts.default_device,
         amp: bool = True,
         eval_max_images: int = 0,
         run_id: str = "",
@@ -89,9 +84,9 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
         """root: s3://bucket/prefix of data sets, weights, runs and the model registry.
         force: train even when the data did not change. metric: TASK/NAME of the promotion rule
         (segm/AP, bbox/AP, bbox/AP50, ...); min_improvement in AP points. nodes: training nodes of
-        accelerator_count accelerators each; more than 1 trains as a Kubeflow Trainer TrainJob.
-        static_canvas: [[height, width], ...] for static-shape mode (MODEL.STATIC); empty: dynamic."""
-        job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        accelerator_count (digits) accelerators each; more than 1 trains as a Kubeflow Trainer
+        TrainJob. static_canvas: [[height, width], ...] for static-shape mode (MODEL.STATIC); empty:
+        dynamic."""
         ingest_task = ingest_op(
             source=data_source,
             root=root,
@@ -99,10 +94,22 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
             splits=[train_split, eval_split],
             max_images=max_images,
             strict=ingest_strict,
-        ).set_display_name("ingest COCO")
-        _with_s3_secret(ingest_task, s3_secret, opts)
+        )
+        configure(ingest_task, s3_secret, opts, "ingest COCO")
         dataset = ingest_task.outputs["dataset"]
 
+        run = ModelRun(
+            dataset=dataset,
+            config=config,
+            config_opts=config_opts,
+            static_canvas=static_canvas,
+            device=device,
+            amp=amp,
+            root=root,
+            run_id=run_id,
+            s3_secret=s3_secret,
+            opts=opts,
+        )
         check_task = check_op(
             dataset=dataset,
             root=root,
@@ -111,93 +118,46 @@ def build_pipeline(opts: Optional[CompileOptions] = None):
             force=force,
             warm_start=warm_start,
             run_id=run_id,
-            job_id=job_id,
-        ).set_display_name("check for new data")
-        _with_s3_secret(check_task, s3_secret, opts)
-
-        run_inputs = dict(dataset=dataset, config=config, root=root, run_id=run_id, job_id=job_id)
-        shared = dict(
-            batch_per_device=batch_per_device,
-            nproc_per_node=accelerator_count,
-            accelerator=accelerator_type,
-            device=device,
-            amp=amp,
-            config_opts=config_opts,
-            static_canvas=static_canvas,
+            job_id=run.job_id,
         )
+        configure(check_task, s3_secret, opts, "check for new data")
 
         placement = dict(
             nodes=nodes,
             trainjob=trainjob,
-            s3_secret=s3_secret,
             accelerator_type=accelerator_type,
             accelerator_count=accelerator_count,
-            opts=opts,
         )
 
-        def evaluate_and_promote(model):
-            eval_task = evaluate_op(
-                **run_inputs,
-                model=model,
-                split=eval_split,
+        def evaluate_and_promote(checkpoint):
+            eval_task = run.task(
+                evaluate_op, "evaluate challenger", checkpoint=checkpoint, split=eval_split,
                 max_images=eval_max_images,
-                device=device,
-                config_opts=config_opts,
-                static_canvas=static_canvas,
-            ).set_display_name("evaluate challenger")
-            kubernetes.empty_dir_mount(
-                eval_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="8Gi"
-            )
-            _with_s3_secret(eval_task, s3_secret, opts)
-            promote_task = promote_op(
-                dataset=dataset,
-                challenger=model,
-                challenger_eval=eval_task.outputs["metrics"],
-                root=root,
-                model_name=model_name,
-                train_split=train_split,
-                eval_split=eval_split,
-                eval_max_images=eval_max_images,
-                config=config,
-                config_opts=config_opts,
-                metric=metric,
-                min_improvement=min_improvement,
-                device=device,
-                run_id=run_id,
-                job_id=job_id,
-            ).set_display_name("promote if better")
-            kubernetes.empty_dir_mount(
-                promote_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="8Gi"
-            )
-            _with_s3_secret(promote_task, s3_secret, opts)
+            )  # fmt: skip
+            run.task(
+                promote_op, "promote if better", challenger=checkpoint,
+                challenger_eval=eval_task.outputs["metrics"], model_name=model_name,
+                train_split=train_split, eval_split=eval_split, eval_max_images=eval_max_images,
+                metric=metric, min_improvement=min_improvement,
+            )  # fmt: skip
 
         plan = check_task.outputs["Output"]
         with dsl.If(plan == "warm-start", name="warm-start"):
-            warm_args = dict(
-                **run_inputs,
-                **shared,
-                base_model=check_task.outputs["champion"],
-                data="",
-                iterations=warm_start_iterations,
-                learning_rate=warm_start_learning_rate,
-                finetune_opts=[],
-            )
-            warm = training_step(finetune_op, finetune_launcher_op, warm_args, "warm-start-finetune",
-                                 display_name="train challenger (warm start)", **placement)  # fmt: skip
+            warm = run.training_step(
+                finetune_op, finetune_launcher_op, "warm-start-finetune", "train challenger (warm start)",
+                **placement, base_model=check_task.outputs["champion_uri"], data="",
+                iterations=warm_start_iterations, learning_rate=warm_start_learning_rate,
+                batch_per_device=batch_per_device, finetune_opts=[],
+            )  # fmt: skip
             evaluate_and_promote(warm)
         with dsl.Elif(plan == "from-pretrained", name="from-pretrained"):
             weights_task = weights_op(source=weights, sha256=weights_sha256, root=root)
-            weights_task.set_display_name("fetch weights")
-            _with_s3_secret(weights_task, s3_secret, opts)
-            cold_args = dict(
-                **run_inputs,
-                **shared,
-                weights=weights_task.outputs["model"],
-                iterations=iterations,
-                learning_rate=learning_rate,
-            )
-            cold = training_step(train_op, train_launcher_op, cold_args, "pretrained-train",
-                                 display_name="train challenger", **placement)  # fmt: skip
+            configure(weights_task, s3_secret, opts, "fetch weights")
+            cold = run.training_step(
+                train_op, train_launcher_op, "pretrained-train", "train challenger", **placement,
+                weights=weights_task.outputs["model"], iterations=iterations, learning_rate=learning_rate,
+                batch_per_device=batch_per_device,
+            )  # fmt: skip
             evaluate_and_promote(cold)
 
     return cascade_mask_rcnn_retraining

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from pipelines import retraining
-from pipelines.training import CompileOptions, build_pipeline
+from pipelines.tasks import CompileOptions
+from pipelines.training import build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,37 @@ class LocalSettings:
     finetune_learning_rate: float = 0.01
     min_size: int = 128
     max_size: int = 192
+    # TEST.EVAL_PERIOD of the training steps: AP at iterations 80, 160 and 240 on the training curves
+    # (a few seconds each here); the final one also comes after a shorter fine-tuning. 0: none.
+    eval_period: int = 80
+
+
+# Copies of the steps' HTML and Markdown outputs in the work directory, with extensions so that they
+# open in a browser: {file name: (task name prefix, output name)}. KFP names artifact files after
+# the outputs; the retraining pipeline's tasks inside conditions get numbered names (evaluate-2).
+PAGES = {
+    "training_curves.html": ("train", "curves"),
+    "finetune_curves.html": ("finetune", "curves"),
+    "report.html": ("evaluate", "report"),
+    "report.md": ("evaluate", "table"),
+}
+
+
+def copy_pages(outputs: dict[str, dict[str, dict]], workdir: Path, pages: dict[str, tuple[str, str]]) -> dict:
+    """Copy each page whose step ran (the first task of that name) into workdir; {file: path}."""
+    copied = {}
+    for file, (task_prefix, output) in pages.items():
+        task = next((t for t in sorted(outputs) if t.startswith(task_prefix) and output in outputs[t]), None)
+        if task is not None:
+            shutil.copyfile(outputs[task][output]["uri"], workdir / file)
+            copied[file] = str(workdir / file)
+    return copied
 
 
 @dataclass
 class LocalRun:
-    """What a local run left: the S3 root, the work directory (with report.html and report.md),
+    """What a local run left: the S3 root, the work directory (with report.html, report.md and the
+    training curves of train and finetune, training_curves.html and finetune_curves.html),
     kfp.local's folder of this run, and each step's output artifacts ({task: {output name: {"uri": local path, "metadata": {...}}}})."""
 
     root: str
@@ -153,9 +180,16 @@ def http_mirror(directory: Path) -> Iterator[str]:
         httpd.server_close()
 
 
+def local_options() -> CompileOptions:
+    """The demo's compile options: a CPU cluster's (`--no-accelerator`: no device requested, device cpu),
+    and no retries (kfp.local honours them, with minutes of backoff: a local failure should show at
+    once)."""
+    return CompileOptions(accelerator=False, train_retries=0)
+
+
 def demo_opts(settings: LocalSettings) -> list[str]:
     warmup = max(1, min(50, settings.iterations // 4))
-    return [*DEMO_OPTS, "SOLVER.WARMUP_ITERS", str(warmup)]
+    return [*DEMO_OPTS, "SOLVER.WARMUP_ITERS", str(warmup), "TEST.EVAL_PERIOD", str(settings.eval_period)]
 
 
 def write_seed_weights(path: Path, opts: list[str]) -> str:
@@ -174,40 +208,9 @@ def write_seed_weights(path: Path, opts: list[str]) -> str:
     return storage.sha256_file(path)
 
 
-def _local_one_of_artifacts() -> None:
-    """kfp.local (2.17) resolves a dsl.OneOf of parameters but refuses one of artifacts (the trained
-    Model here). Teach it the same rule: the one branch that produced the artifact. The KFP backend
-    needs none of this."""
-    from kfp.local.orchestrator import orchestrator_utils
-
-    utils = orchestrator_utils.OrchestratorUtils
-    if getattr(utils, "_cascade_rcnn_one_of", False):
-        return
-
-    def get_dag_output_artifacts(cls, dag_outputs_spec, io_store):
-        outputs = {}
-        for key, selector_spec in dag_outputs_spec.artifacts.items():
-            found = []
-            for selector in selector_spec.artifact_selectors:
-                try:
-                    found.append(
-                        io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key)
-                    )
-                except ValueError:  # a branch that did not run
-                    pass
-            if len(found) != 1:
-                raise ValueError(f"dsl.OneOf output {key!r}: {len(found)} branches produced it, expected 1")
-            outputs[key] = found[0]
-        return outputs
-
-    utils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
-    utils._cascade_rcnn_one_of = True
-
-
 def _init_kfp_local(workdir: Path) -> None:
     import kfp.local
 
-    _local_one_of_artifacts()
     kfp.local.init(
         runner=kfp.local.SubprocessRunner(use_venv=False),
         pipeline_root=str(workdir / "kfp"),
@@ -243,9 +246,9 @@ def _demo_arguments(
         "iterations": settings.iterations,
         "learning_rate": settings.learning_rate,
         "batch_per_device": settings.batch,
-        "accelerator_type": "cpu",  # recorded in the Models; kfp.local ignores resource requests
-        "accelerator_count": 1,
-        # device and amp keep the pipelines' defaults (auto, True): on this CPU that means float32.
+        "accelerator_count": "1",  # one trainer process
+        # The pipeline is compiled for CPUs (local_options: no accelerator requested, device cpu);
+        # amp keeps its default, True, which on a CPU means float32.
     }
 
 
@@ -267,11 +270,13 @@ def package_arguments(
 ) -> dict[str, Any]:
     """The arguments a compiled package gets here: only what must shrink for a CPU (the data, model
     widths and image sizes in config_opts, iterations, batch and the demo's learning rates for its
-    small batches: the default 0.2 is for 128 images per step) and `finetune` on, so that step runs
-    too. Everything else keeps the package's default: device auto, amp, accelerator type and count
-    (8 trainer processes), weights, config, names, splits, run_id, s3_secret."""
+    small batches: the default 0.2 is for 128 images per step), `finetune` on, so that step runs
+    too, and device cpu: the training steps requested accelerators, and with device auto a step that
+    finds none fails at once. Everything else keeps the package's default: amp, accelerator type and
+    count (8 trainer processes), weights, config, names, splits, run_id, s3_secret."""
     return {
         "root": root,
+        "device": "cpu",
         "data_source": str(data_dir),
         "config_opts": demo_opts(settings),
         "iterations": settings.iterations,
@@ -317,7 +322,7 @@ def run_local(
     workdir = Path(workdir).resolve()
     for sub in ("data", "finetune-data", "kfp", "s3", "workspace", "weights", "mirror"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
-    for name in ("report.html", "report.md"):
+    for name in PAGES:
         (workdir / name).unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -357,8 +362,7 @@ def run_local(
             storage.upload_tree(str(ft_dir), finetune_data, progress=False)
             _init_kfp_local(workdir)
             if package is None:
-                # kfp.local honours retries, with their minutes of backoff: a local failure should show at once.
-                pipeline = build_pipeline(CompileOptions(train_retries=0))
+                pipeline = build_pipeline(local_options())
                 arguments = pipeline_arguments(
                     root, data_dir, weights, weights_sha256, finetune_data, settings
                 )
@@ -374,9 +378,7 @@ def run_local(
             pipeline(**arguments)
             (run_dir,) = [p for p in (workdir / "kfp").iterdir() if p.is_dir() and not p.name.startswith(".")]
             run = LocalRun(root, workdir, run_dir, _read_outputs(run_dir), arguments=arguments)
-            # KFP names artifact files after the outputs; copies with extensions open in a browser.
-            shutil.copyfile(run.local_path("evaluate", "report"), workdir / "report.html")
-            shutil.copyfile(run.local_path("evaluate", "table"), workdir / "report.md")
+            copy_pages(run.outputs, workdir, PAGES)
             # Read while the server is up: the caller may print them after it is gone.
             eval_uri = run.metadata("evaluate", "metrics")["output_uri"]
             run.outputs["evaluate"]["metrics"]["metrics_json"] = json.loads(
@@ -402,6 +404,7 @@ def summary(run: LocalRun, s3_data: Optional[Path] = None) -> str:
         "",
         f"HTML report: {run.workdir / 'report.html'}",
         f"Markdown table: {run.workdir / 'report.md'}",
+        f"training curves: {run.workdir / 'training_curves.html'} and {run.workdir / 'finetune_curves.html'}",
         f"kfp.local's outputs of each step: {run.run_dir}",
         f"evaluation files: {eval_uri}/",
         f"trained model: {run.metadata('train', 'model')['checkpoint_uri']}",
@@ -413,6 +416,15 @@ def summary(run: LocalRun, s3_data: Optional[Path] = None) -> str:
 
 
 SUMMARY_JSON = "summary.json"
+# The retraining run's pages: the challenger's training curves (warm start or from pretrained), its
+# evaluation and the comparison with the champion.
+RETRAIN_PAGES = {
+    "training_curves.html": ("", "curves"),
+    "report.html": ("evaluate", "report"),
+    "report.md": ("evaluate", "table"),
+    "comparison.html": ("promote", "report"),
+    "comparison.md": ("promote", "comparison"),
+}
 
 
 def retrain_arguments(
@@ -452,7 +464,7 @@ def run_retrain_local(
     workdir = Path(workdir).resolve()
     for sub in ("kfp", "workspace"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
-    for name in ("comparison.html", "comparison.md", SUMMARY_JSON):
+    for name in (*RETRAIN_PAGES, SUMMARY_JSON):
         (workdir / name).unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -478,7 +490,7 @@ def run_retrain_local(
             _init_kfp_local(workdir)
             arguments = retrain_arguments(root, data_dir, weights, weights_sha256, settings)
             arguments.update(overrides or {})
-            pipeline = retraining.build_pipeline(CompileOptions(train_retries=0))
+            pipeline = retraining.build_pipeline(local_options())
             log.info("running %s locally under %s", pipeline.name, workdir)
             pipeline(**arguments)
             (run_dir,) = [p for p in (workdir / "kfp").iterdir() if p.is_dir() and not p.name.startswith(".")]
@@ -509,9 +521,8 @@ def run_retrain_local(
         "kfp_run": str(run_dir),
         "seconds": round(time.monotonic() - start, 1),
     }
+    summary["pages"] = copy_pages(outputs, workdir, RETRAIN_PAGES)
     if promote:
-        shutil.copyfile(outputs[promote]["report"]["uri"], workdir / "comparison.html")
-        shutil.copyfile(outputs[promote]["comparison"]["uri"], workdir / "comparison.md")
         summary["comparison"] = str(workdir / "comparison.md")
     (workdir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
     return summary
@@ -538,4 +549,8 @@ def retrain_summary(summary: dict, workdir: Path) -> str:
     ]
     if "comparison" in summary:
         lines.append(f"comparison: {workdir / 'comparison.html'} and {summary['comparison']}")
+    pages = summary.get("pages", {})
+    for file, label in (("training_curves.html", "training curves"), ("report.html", "evaluation report")):
+        if file in pages:
+            lines.append(f"{label}: {pages[file]}")
     return "\n".join(lines)

@@ -9,15 +9,17 @@ a bearer token from $KFP_TOKEN when set, otherwise kfp.Client's own credentials 
 account token at $KF_PIPELINES_SA_TOKEN_PATH, or the kube config).
 """
 
+import contextlib
 import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import yaml
 
+from cascade_rcnn.errors import CascadeRCNNError
 from pipelines.params import (
     ParameterError,
     check_bucket_exists,
@@ -30,6 +32,12 @@ from pipelines.params import (
 log = logging.getLogger(__name__)
 TOKEN_ENV = "KFP_TOKEN"
 _PIPELINE_ROOT_SCHEMES = ("s3://", "minio://", "gs://")
+# What the fetch_weights step resolves without this machine (cascade_rcnn.weight_sources).
+_CLUSTER_WEIGHTS_SCHEMES = ("detectron2://", "torchvision://", "https://", "http://", "s3://")
+
+
+class KFPError(CascadeRCNNError):
+    """The KFP API could not be reached, or refused a request; the message names the endpoint."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,22 @@ class Connection:
         if token:
             kwargs["existing_token"] = token
         return kfp.Client(**kwargs)
+
+    @contextlib.contextmanager
+    def api(self) -> Iterator[None]:
+        """Turns a connection failure or an API refusal (an HTTP status) into a KFPError."""
+        import urllib3
+        from kfp_server_api.exceptions import ApiException
+
+        where = self.endpoint or os.environ.get("KF_PIPELINES_ENDPOINT") or "the in-cluster KFP API"
+        try:
+            yield
+        except ApiException as e:
+            body = " ".join(str(e.body or "").split())[:500]
+            raise KFPError(f"{where}: the KFP API answered {e.status} {e.reason}: {body}") from e
+        except urllib3.exceptions.HTTPError as e:
+            reason = getattr(e, "reason", None) or e
+            raise KFPError(f"{where}: cannot reach the KFP API: {reason}") from e
 
     def run_url(self, run_id: str) -> str:
         base = self.ui_endpoint or os.environ.get("KF_PIPELINES_UI_ENDPOINT") or self.endpoint or ""
@@ -72,6 +96,12 @@ def prepare(
         raise ParameterError(
             f"--pipeline-root {pipeline_root!r}: use an object-store URI "
             f"({', '.join(s + '...' for s in _PIPELINE_ROOT_SCHEMES)})"
+        )
+    weights = str(merged.get("weights") or "")
+    if weights and not weights.startswith(_CLUSTER_WEIGHTS_SCHEMES):
+        raise ParameterError(
+            f"weights={weights!r}: the cluster's steps cannot read a path of this machine; use "
+            f"{', '.join(s + '...' for s in _CLUSTER_WEIGHTS_SCHEMES)} (upload a file with aws s3 cp)"
         )
     if check_bucket:
         check_bucket_exists(merged["root"])
@@ -106,8 +136,8 @@ def submit(
 ) -> str:
     """Create one run; returns its URL. enable_caching=False turns caching off in every task;
     None keeps the package's settings."""
-    client = conn.client()
-    with tempfile.TemporaryDirectory(prefix="cascade-rcnn-submit-") as tmp:
+    with conn.api(), tempfile.TemporaryDirectory(prefix="cascade-rcnn-submit-") as tmp:
+        client = conn.client()
         if enable_caching is False:
             package = without_caching(package, Path(tmp) / "pipeline.yaml")
         result = client.create_run_from_pipeline_package(
@@ -140,9 +170,9 @@ def schedule(
     outputs), at most one run at a time, and missed runs are not caught up.
     """
     six_field = kfp_cron(cron)
-    client = conn.client()
-    experiment_id = client.create_experiment(name=experiment, namespace=conn.namespace).experiment_id
-    with tempfile.TemporaryDirectory(prefix="cascade-rcnn-schedule-") as tmp:
+    with conn.api(), tempfile.TemporaryDirectory(prefix="cascade-rcnn-schedule-") as tmp:
+        client = conn.client()
+        experiment_id = client.create_experiment(name=experiment, namespace=conn.namespace).experiment_id
         job = client.create_recurring_run(
             experiment_id=experiment_id,
             job_name=name,

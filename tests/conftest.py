@@ -6,7 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from shared_fixtures import shared_fixture
+from shared_fixtures import shared_fixture, under_ci
 
 from cascade_rcnn.local_s3 import SeaweedServer, start_seaweedfs
 
@@ -26,6 +26,20 @@ def shared_dir(repo_root: Path) -> Path:
 def d2_parity() -> Path:
     """../shared/fixtures/d2_parity; skips when absent, fails under CI (see shared_fixtures.py)."""
     return shared_fixture("fixtures/d2_parity")
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium for the session (tests/browser.py). Without one the test skips, and
+    fails under CI, whose `make test` installs Debian's package (the Makefile's `browser` target)."""
+    from browser import Chromium, find_chromium
+
+    if find_chromium() is None:
+        if under_ci():
+            pytest.fail("no Chromium (CI is set, so this fails instead of skipping): run `make browser`")
+        pytest.skip("no Chromium: `make browser` (or apt-get install chromium) for the page tests")
+    with Chromium() as browser:
+        yield browser
 
 
 @pytest.fixture(scope="session")

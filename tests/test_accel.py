@@ -188,3 +188,125 @@ def test_fp16_amp_on_cpu_runs_float32(caplog):
         pytest.skip(f"auto resolved to {acc.type}")
     assert acc.amp_dtype is None and not acc.amp_enabled
     assert "SOLVER.AMP.DTYPE=float16 on CPU" in caplog.text
+
+
+# ---- a pod that requested accelerators and got none fails at once ----
+
+
+@pytest.mark.parametrize("text", ["8", "1", "16", " 4 "])
+def test_counts_are_digits(text):
+    from cascade_rcnn.accel import parse_count
+
+    assert parse_count("nproc_per_node", text) == int(text)
+
+
+@pytest.mark.parametrize("text", ["8.0", "", "0", "-8", "eight", "8 x"])
+def test_counts_that_are_not_digits_are_refused_by_name(text):
+    from cascade_rcnn.accel import parse_count
+
+    with pytest.raises(AcceleratorError, match=f"nproc_per_node={text!r}.*digits only"):
+        parse_count("nproc_per_node", text)
+
+
+def _probe(npu=0, cuda=0, torch_npu=False, **env):
+    from cascade_rcnn.accel import DeviceProbe
+
+    return DeviceProbe(torch_npu=torch_npu, npu_count=npu, cuda_count=cuda, env=env)
+
+
+@pytest.mark.parametrize(
+    "probe, words",
+    [
+        (_probe(), "finds 0 npu device(s) here (torch_npu not installed, 0 npu and 0 cuda device(s) visible; "
+                   "ASCEND_VISIBLE_DEVICES unset, ASCEND_RT_VISIBLE_DEVICES unset, CUDA_VISIBLE_DEVICES unset)"),
+        # torch_npu there, the device plugin mounted nothing: what a pod on an NPU node without its
+        # devices sees.
+        (_probe(torch_npu=True, ASCEND_VISIBLE_DEVICES=""), "torch_npu installed, 0 npu and 0 cuda"),
+        (_probe(npu=4, torch_npu=True, ASCEND_VISIBLE_DEVICES="0,1,2,3"),
+         "finds 4 npu device(s) here (torch_npu installed, 4 npu and 0 cuda device(s) visible; "
+         "ASCEND_VISIBLE_DEVICES='0,1,2,3'"),
+        (_probe(cuda=8), "finds 0 npu device(s)"),  # GPUs are not the NPUs the pod asked for
+    ],
+)  # fmt: skip
+def test_requested_npus_that_are_not_all_there_fail_with_what_the_node_shows(probe, words):
+    from cascade_rcnn.accel import require_requested
+
+    with pytest.raises(AcceleratorError) as err:
+        require_requested("huawei.com/Ascend910", 8, "auto", probe=probe)
+    message = str(err.value)
+    assert message.startswith("the step's pod requested 8 x huawei.com/Ascend910, but MODEL.DEVICE 'auto'")
+    assert words in message
+    assert "Set device=cpu to train on the CPU on purpose" in message
+
+
+def test_requested_devices_that_are_there_pass():
+    from cascade_rcnn.accel import require_requested
+
+    require_requested("huawei.com/Ascend910", 8, "auto", probe=_probe(npu=8, torch_npu=True))
+    require_requested("huawei.com/Ascend910", 8, "npu", probe=_probe(npu=16, torch_npu=True))
+    require_requested("nvidia.com/gpu", 2, "auto", probe=_probe(cuda=2))
+    with pytest.raises(AcceleratorError, match="finds 0 cuda device"):
+        require_requested("nvidia.com/gpu", 2, "auto", probe=_probe(npu=8, torch_npu=True))
+
+
+def test_nothing_requested_or_cpu_asked_for_checks_nothing(caplog):
+    from cascade_rcnn.accel import require_requested
+
+    require_requested("", 8, "auto", probe=_probe())  # the CLI and local runs
+    with caplog.at_level("WARNING"):
+        require_requested("huawei.com/Ascend910", 8, "cpu", probe=_probe())  # explicit
+    assert "running on the CPU, as asked" in caplog.text
+
+
+def _run_train_component(tmp_path: Path, device: str, env: dict) -> subprocess.CompletedProcess:
+    """The train component's function, called as KFP's executor calls it, in a process of its own."""
+    script = f"""
+from kfp import dsl
+from components.train import train
+model = dsl.Model(uri="file://{tmp_path}/model")
+model.path = "{tmp_path}/model.json"
+curves = dsl.HTML(uri="file://{tmp_path}/curves")
+curves.path = "{tmp_path}/curves.html"
+train(
+    dataset=dsl.Dataset(uri="s3://b/ds", metadata={{"manifest_uri": "{tmp_path}/no-data/manifest.json"}}),
+    weights=dsl.Model(uri="s3://b/w", metadata={{"checkpoint_uri": "{tmp_path}/no-weights.pth"}}),
+    config="configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml", config_opts=[], static_canvas=[],
+    device={device!r}, amp=True, root="{tmp_path}/root", run_id="", job_id="job-1",
+    iterations=2, learning_rate=0.01, batch_per_device=1,
+    nproc_per_node="8", accelerator="huawei.com/Ascend910", model=model, curves=curves,
+)
+"""
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_a_cpu_only_pod_that_requested_8_npus_fails_before_any_worker_starts(tmp_path, monkeypatch):
+    import os
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ASCEND_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES")
+    }
+    env["CUDA_VISIBLE_DEVICES"] = ""  # what a pod without a GPU sees, on any machine running this
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    failed = _run_train_component(tmp_path, "auto", env)
+    assert failed.returncode != 0
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "AcceleratorError: the step's pod requested 8 x huawei.com/Ascend910" in last
+    assert "ASCEND_VISIBLE_DEVICES unset" in last and "CUDA_VISIBLE_DEVICES=''" in last
+    assert ("torch_npu not installed" in last) == (importlib.util.find_spec("torch_npu") is None)
+    assert "starting 8 workers" not in failed.stderr  # no worker, no process group
+    assert not (tmp_path / "root").exists()  # nothing written
+
+    # device=cpu, the explicit way: past the check, to the missing data.
+    explicit = _run_train_component(tmp_path, "cpu", env)
+    assert explicit.returncode != 0
+    output = explicit.stdout + explicit.stderr
+    assert "running on the CPU, as asked" in output
+    assert "AcceleratorError" not in output
+    # The missing data is found next, by run_training, before any worker starts.
+    assert "no-data/manifest.json" in explicit.stderr.strip().splitlines()[-1]
+    assert "starting 8 workers" not in output

@@ -298,5 +298,8 @@ def test_make_shapes_cli(tmp_path, capsys):
     assert cli_main(["make-shapes", str(tmp_path / "out"), "--train", "3", "--val", "2", "--seed", "1"]) == 0
     assert len(list((tmp_path / "out" / "train2017").glob("*.jpg"))) == 3
     assert len(list((tmp_path / "out" / "val2017").glob("*.jpg"))) == 2
-    assert shapes_main([str(tmp_path / "bad"), "--min-size", "8"]) == 1
-    assert "min_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        shapes_main([str(tmp_path / "bad"), "--min-size", "8"])
+    assert exit_info.value.code == 2
+    assert "--min-size" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

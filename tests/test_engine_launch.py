@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cascade_rcnn.comm import DistInfo
+from cascade_rcnn.config import ConfigError
 from cascade_rcnn.engine.launch import build_parser, job_from_args
 from cascade_rcnn.engine.run import batch_per_device
 
@@ -55,7 +56,7 @@ def test_train_and_finetune_arguments():
     args = build_parser("train").parse_args(
         ["--config", "c", "--data", "d", "--output", "o", "--opts", "SEED"]
     )
-    with pytest.raises(SystemExit, match="KEY VALUE pairs"):
+    with pytest.raises(ConfigError, match="KEY VALUE pairs"):
         job_from_args("train", args)
 
 
@@ -73,7 +74,7 @@ def test_output_defaults_to_the_configs_output_dir(tmp_path):
     args = build_parser("train").parse_args([*base, "--output", "s3://b/r", "--opts", "OUTPUT_DIR", "x"])
     assert job_from_args("train", args).output == "s3://b/r"  # --output wins
     args = build_parser("train").parse_args([*base, "--opts", "OUTPUT_DIR", ""])
-    with pytest.raises(SystemExit, match="OUTPUT_DIR is empty"):
+    with pytest.raises(ConfigError, match="OUTPUT_DIR is empty"):
         job_from_args("train", args)
 
 

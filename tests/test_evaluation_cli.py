@@ -194,16 +194,16 @@ def test_cli_errors_name_the_problem(parity_coco, tmp_path, capsys):
     root, _ = parity_coco
     argv = _args(str(root), str(tmp_path / "o"))
     argv[argv.index("--weights") + 1] = str(tmp_path / "missing.pth")
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert "missing.pth" in capsys.readouterr().err
-    assert main(_args(str(tmp_path / "nowhere"), str(tmp_path / "o"))) == 1
+    assert main(_args(str(tmp_path / "nowhere"), str(tmp_path / "o"))) == 2
     assert "nowhere" in capsys.readouterr().err
-    assert main(_args(str(root), str(tmp_path / "o"), "MODEL.NO_SUCH_KEY", "1")) == 1
+    assert main(_args(str(root), str(tmp_path / "o"), "MODEL.NO_SUCH_KEY", "1")) == 2
     assert "NO_SUCH_KEY" in capsys.readouterr().err
-    assert main(_args(str(root), str(tmp_path / "o"), "--max-images", "0")) == 1
+    assert main(_args(str(root), str(tmp_path / "o"), "--max-images", "0")) == 2
     assert "max_images" in capsys.readouterr().err
     # Weights for 3 classes on a 5-class model: refused, not evaluated half-random.
-    assert main(_args(str(root), str(tmp_path / "o"), "MODEL.ROI_HEADS.NUM_CLASSES", "5")) == 1
+    assert main(_args(str(root), str(tmp_path / "o"), "MODEL.ROI_HEADS.NUM_CLASSES", "5")) == 2
     err = capsys.readouterr().err
     assert "does not fit the model" in err and "cls_score" in err
     assert not (tmp_path / "o").exists()

@@ -542,7 +542,7 @@ def test_ingest_strict_refuses_repairs_naming_the_annotation(coco_dir, tmp_path,
     assert "ingest_report.json" in str(e.value)
     # The CLI's --strict is the same switch.
     args = ["--source", str(src_dir), "--root", str(root), "--splits", "val2017"]
-    assert main([*args, "--strict"]) == 1
+    assert main([*args, "--strict"]) == 2
     assert "annotation id=5006" in capsys.readouterr().err
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["repairs"]["val2017"]["drop_annotation"] == 1
@@ -770,9 +770,9 @@ def test_cli_ingest(coco_dir, tmp_path, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["manifest_uri"].endswith("datasets/tiny/manifest.json") and out["transferred_files"] == 5
-    assert main(["--source", str(tmp_path / "nowhere"), "--root", str(root)]) == 1
+    assert main(["--source", str(tmp_path / "nowhere"), "--root", str(root)]) == 2
     assert "source directory" in capsys.readouterr().err
-    assert main(["--source", str(src_dir), "--root", str(root), "--name", "../up"]) == 1
+    assert main(["--source", str(src_dir), "--root", str(root), "--name", "../up"]) == 2
     assert "invalid data set name '../up'" in capsys.readouterr().err
 
 

@@ -89,7 +89,7 @@ def test_params_are_typed_as_the_pipeline_declares(inputs):
     )
     assert params == {
         "root": "s3://b-1/x",
-        "accelerator_count": 4,
+        "accelerator_count": "4",  # a STRING parameter (pipelines/tasks.py)
         "learning_rate": 0.1,
         "finetune": True,
         "config_opts": ["SOLVER.CHECKPOINT_PERIOD", "2000"],
@@ -104,7 +104,7 @@ def test_params_are_typed_as_the_pipeline_declares(inputs):
     "pair, words",
     [
         ("acclerator_count=8", "no such parameter"),
-        ("accelerator_count=eight", "not a valid number_integer"),
+        ("nodes=two", "not a valid number_integer"),
         ("finetune=maybe", "not a valid boolean"),
         ("config_opts=SOLVER.BASE_LR 0.1", "not a valid list"),
         ("root", "write NAME=VALUE"),
@@ -127,8 +127,12 @@ def test_accelerator_counts_follow_ascend_groups():
         ({"root": "s3:///prefix"}, "has no bucket"),
         ({"root": "/data/cascade"}, "not an s3:// URI"),
         ({"root": "s3://My_Bucket/x"}, "not a valid S3 bucket name"),
-        ({"root": "s3://b-1/x", "accelerator_count": 3}, "accelerator_count=3 is not a valid NPU group"),
-        ({"root": "s3://b-1/x", "accelerator_count": 12}, "accelerator_count=12"),
+        ({"root": "s3://b-1/x", "accelerator_count": "3"}, "accelerator_count='3' is not a valid NPU group"),
+        ({"root": "s3://b-1/x", "accelerator_count": 12}, "accelerator_count='12'"),
+        # The backend parses the text as a Kubernetes quantity: only digits make a device count.
+        ({"root": "s3://b-1/x", "accelerator_count": "8.0"}, "accelerator_count='8.0'.*digits only"),
+        ({"root": "s3://b-1/x", "accelerator_count": "eight"}, "accelerator_count='eight'.*digits only"),
+        ({"root": "s3://b-1/x", "accelerator_count": " 8"}, "accelerator_count=' 8'.*digits only"),
         ({"root": "s3://b-1/x", "iterations": 0}, "iterations=0 must be at least 1"),
         ({"root": "s3://b-1/x", "config_opts": ["SOLVER.BASE_LR"]}, "config_opts needs KEY, VALUE pairs"),
         ({"root": "s3://b-1/x", "finetune_data": "/tmp/x"}, "finetune_data='/tmp/x' must be an s3://"),
@@ -143,7 +147,7 @@ def test_every_problem_is_reported_at_once(inputs):
     with pytest.raises(ParameterError) as err:
         check_params({"root": "s3://", "accelerator_count": 6, "batch_per_device": 0}, inputs)
     text = str(err.value)
-    assert "has no bucket" in text and "accelerator_count=6" in text and "batch_per_device=0" in text
+    assert "has no bucket" in text and "accelerator_count='6'" in text and "batch_per_device=0" in text
 
 
 # ---- the command line stops before the network ----
@@ -154,14 +158,17 @@ def test_every_problem_is_reported_at_once(inputs):
     [
         (
             ["submit", "--param", "root=s3://my-bucket/x", "--param", "accelerator_count=3"],
-            "accelerator_count=3",
+            "accelerator_count='3'",
         ),
         (["submit", "--param", "root=s3:///x"], "has no bucket"),
         (["submit"], "missing required parameter(s): root"),
         (["submit", *GOOD, "--pipeline-root", "/tmp/kfp"], "--pipeline-root '/tmp/kfp'"),
         (["schedule", "--cron", "0 2 * *", *GOOD], "has 4 field(s)"),
         (["schedule", "--cron", "0 0 2 * * *", *GOOD], "has 6 field(s)"),
-        (["schedule", "--cron", "0 2 * * *", "--param", "accelerator_count=5", *GOOD], "accelerator_count=5"),
+        (
+            ["schedule", "--cron", "0 2 * * *", "--param", "accelerator_count=5", *GOOD],
+            "accelerator_count='5'",
+        ),
     ],
 )
 def test_cli_refuses_bad_input_before_any_network_call(argv, words, capsys):
@@ -307,7 +314,7 @@ def test_submit_sends_the_run_and_prints_its_url(monkeypatch, capsys):
     assert run["runtime_config"]["pipeline_root"] == "s3://kfp-root/v2"
     assert run["runtime_config"]["parameters"] == {
         "root": "s3://my-bucket/cascade-rcnn",
-        "accelerator_count": 16,
+        "accelerator_count": "16",
         "finetune": True,
     }
     # The package goes inline: the pipeline spec and, with it, the Kubernetes settings (Secrets etc.).

@@ -1,6 +1,7 @@
 """The compiled pipeline: the checked-in YAML is current, its graph, the train step's resources and
 placement, credentials only by Secret reference, images from the compile options, and kfp's loader."""
 
+import json
 import re
 import secrets
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 from pipelines.cli import main as cli_main  # noqa: E402
+from pipelines.tasks import SECRET_FILES_ENV, SECRET_MOUNT  # noqa: E402
 from pipelines.training import COMPILED, LAUNCHER_STEPS, STEP_NAMES, CompileOptions, compile_pipeline  # noqa: E402
 
 
@@ -112,7 +114,8 @@ def test_train_requests_the_accelerator_and_runs_one_process_per_device(compiled
     spec, platform = _docs(compiled)
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["accelerator_type"]["defaultValue"] == "huawei.com/Ascend910"
-    assert int(params["accelerator_count"]["defaultValue"]) == 8
+    # Strings: the backend fills pod resources only from STRING parameters (test_backend_conformance).
+    assert params["accelerator_count"] == {"defaultValue": "8", "isOptional": True, "parameterType": "STRING"}
     for step in ("train", "finetune"):
         container = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]
         accelerator = container["resources"]["accelerator"]
@@ -155,16 +158,26 @@ def test_credentials_only_by_secret_reference(tmp_path, monkeypatch):
         assert value not in text
         assert value not in COMPILED.read_text()
     spec, platform = _docs(path)
-    for executor in spec["deploymentSpec"]["executors"].values():
-        assert not [e for e in executor["container"].get("env", []) if e["name"].startswith("AWS_")]
+    executors = spec["deploymentSpec"]["executors"]
     for step in (*STEP_NAMES, *LAUNCHER_STEPS.values()):
-        from_secret = platform["executors"][f"exec-{step}"]["secretAsEnv"]
-        required = next(s for s in from_secret if not s["optional"])
-        assert {m["envVar"] for m in required["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        # No env value but the map from variable to file of the mounted Secret.
+        env = {e["name"]: e["value"] for e in executors[f"exec-{step}"]["container"]["env"]}
+        assert set(env) == {SECRET_FILES_ENV}
+        files = json.loads(env[SECRET_FILES_ENV])
+        assert files["required"] == {
+            k: f"{SECRET_MOUNT}/{k}" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        }
+        assert files["optional"] == {
+            k: f"{SECRET_MOUNT}/{k}" for k in ("AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+        }
+        k8s = platform["executors"][f"exec-{step}"]
+        assert "secretAsEnv" not in k8s  # its `optional` field breaks KFP 2.14 (pipelines/tasks.py)
+        (volume,) = k8s["secretAsVolume"]
+        assert volume["mountPath"] == SECRET_MOUNT
         # The Secret's name is the run parameter s3_secret, not a constant.
-        assert required["secretNameParameter"]["componentInputParameter"].endswith("s3_secret")
-    # Outside the Secret references (and the launchers' settings, which map the variable to its key in
-    # the Secret for the TrainJob's nodes), the variable names occur nowhere (no literal env values).
+        assert volume["secretNameParameter"]["componentInputParameter"].endswith("s3_secret")
+    # Outside the file map (the variable and its file) and the launchers' settings (which map the
+    # variable to its key in the Secret for the TrainJob's nodes), the names occur nowhere.
     launchers = len(LAUNCHER_STEPS)
     assert text.count("AWS_SECRET_ACCESS_KEY") == 2 * (len(STEP_NAMES) + launchers) + 2 * launchers
 
@@ -206,9 +219,12 @@ def test_compile_options_reach_the_yaml(tmp_path):
     assert train["nodeSelector"]["labels"] == {"accelerator-type": "module-910b-8"}
     assert "tolerations" not in train
     assert train["emptyDirMounts"][0]["sizeLimit"] == "16Gi"
-    keys = {m["envVar"]: m["secretKey"] for s in train["secretAsEnv"] for m in s["keyToEnv"]}
-    assert keys["AWS_ACCESS_KEY_ID"] == "accesskey"
-    assert keys["AWS_SECRET_ACCESS_KEY"] == "AWS_SECRET_ACCESS_KEY"
+    env = {
+        e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["env"]
+    }
+    files = json.loads(env[SECRET_FILES_ENV])["required"]
+    assert files["AWS_ACCESS_KEY_ID"] == f"{SECRET_MOUNT}/accesskey"
+    assert files["AWS_SECRET_ACCESS_KEY"] == f"{SECRET_MOUNT}/AWS_SECRET_ACCESS_KEY"
     assert _all_tasks(spec)["train"]["retryPolicy"]["maxRetryCount"] == 1
 
 
@@ -220,6 +236,13 @@ def test_no_accelerator_variant_runs_training_on_the_cpu_image(tmp_path):
     assert "accelerator" not in container.get("resources", {})
     assert container["image"].endswith(f"cascade-rcnn-cpu:{CompileOptions().tag}")
     assert "nodeSelector" not in platform["executors"]["exec-train"]
+    # The explicit way to train on the CPU: device defaults to cpu, and the step requested nothing, so
+    # it does not insist on finding devices.
+    assert spec["root"]["inputDefinitions"]["parameters"]["device"]["defaultValue"] == "cpu"
+    for task in ("train", "finetune", "train-trainjob", "finetune-trainjob"):
+        assert _all_tasks(spec)[task]["inputs"]["parameters"]["accelerator"] == {
+            "runtimeValue": {"constant": ""}
+        }
 
 
 def test_bad_compile_options_are_refused(tmp_path, capsys):

@@ -17,7 +17,9 @@ from pipelines.training import STEP_NAMES  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-TINY = LocalSettings(iterations=4, finetune_iterations=2, train_images=6, val_images=3, finetune_images=4)
+TINY = LocalSettings(
+    iterations=4, finetune_iterations=2, train_images=6, val_images=3, finetune_images=4, eval_period=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,7 @@ def test_every_step_ran_and_left_its_outputs(local_run):
     run, _ = local_run
     assert sorted(run.outputs) == sorted(STEP_NAMES)
     assert set(run.outputs["evaluate"]) == {"metrics", "table", "report"}
+    assert set(run.outputs["train"]) == set(run.outputs["finetune"]) == {"model", "curves"}
     for step in STEP_NAMES:
         for name, art in run.outputs[step].items():
             if (step, name) != ("evaluate", "metrics"):  # KFP keeps Metrics in the metadata only
@@ -118,3 +121,41 @@ def test_second_ingest_transfers_nothing(local_run, s3_env):
     assert dataset.metadata["reused"] is True
     assert dataset.metadata["transferred_files"] == 0
     assert storage.get_bytes(manifest_uri) == before  # not even the manifest was rewritten
+
+
+@pytest.mark.parametrize(
+    "step, title, copy",
+    [
+        ("train", "Training curves", "training_curves.html"),
+        ("finetune", "Fine-tuning curves", "finetune_curves.html"),
+    ],
+)
+def test_training_curves_are_an_html_output_of_each_training_step(
+    local_run, s3_env, chromium, step, title, copy
+):
+    from browser import check_page
+
+    run, workdir = local_run
+    path = run.local_path(step, "curves")  # what the KFP UI shows for the step
+    page = path.read_text()
+    model = run.metadata(step, "model")
+    assert page == storage.get_bytes(model["training_curves"]).decode()  # the page left in the output
+    assert model["training_curves"] == storage.join(model["output_uri"], "training_curves.html")
+    assert f"<title>{title}</title>" in page and "<h2>Losses</h2>" in page
+    assert "<h2>AP at each evaluation</h2>" in page and "No evaluation during training" not in page
+    assert (workdir / copy).read_text() == page  # the copy that opens in a browser
+    pages = check_page(chromium, path, min_figures=3)  # losses, lr and img/s, AP
+    assert pages["kfp"].title == title
+
+
+def test_evaluation_report_has_precision_recall_curves(local_run, s3_env, chromium, tmp_path):
+    from browser import check_page
+
+    run, _ = local_run
+    path = run.local_path("evaluate", "report")
+    page = path.read_text()
+    assert "<h2>Precision/recall</h2>" in page and page.count("data:image/svg+xml") == 2  # box, mask
+    eval_uri = run.metadata("evaluate", "metrics")["output_uri"]
+    curves = json.loads(verified(storage.join(eval_uri, "pr_curves.json"), tmp_path).read_bytes())
+    assert set(curves) == {"bbox", "segm"} and set(curves["bbox"]["iou"]) == {"0.50", "0.75"}
+    check_page(chromium, path, min_figures=2)

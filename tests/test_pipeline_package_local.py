@@ -2,16 +2,18 @@
 kfp.components.load_component_from_file and run by kfp.local's SubprocessRunner (use_venv=False)
 against SeaweedFS, through `run_local(package=...)`.
 
-Only two kinds of run arguments are set (pipelines.run_local.package_arguments):
+Three kinds of run arguments are set (pipelines.run_local.package_arguments):
 - what must shrink for two CPU cores: the data (a generated shapes set as `data_source`), the model's
   widths and image sizes (`config_opts`), `iterations`, `batch_per_device` and the learning rates
   of the demo's small batches (the default 0.2 is for 128 images per step), the fine-tuning
   schedule; `finetune` is switched on so that its step and the condition around it run too;
+- device=cpu, the explicit way to train on a CPU: the training steps' pods requested 8 NPUs, and with
+  the default auto a step that finds none fails at once (tests/test_accel.py runs that case);
 - what only a cluster has, given as environment rather than arguments: the object store (the
   AWS_* variables of the S3 Secret, here the SeaweedFS fixture's) and the internet (the `weights`
   default detectron2://ImageNetPretrained/MSRA/R-50.pkl resolves through CASCADE_RCNN_D2_BASE_URL to
   a mirror on 127.0.0.1 serving a random initialisation of the narrow model under that name).
-Everything else keeps the package's default: device auto, amp true, accelerator_type
+Everything else keeps the package's default: amp true, accelerator_type
 huawei.com/Ascend910, accelerator_count 8, the relative config path, the names and splits,
 eval_max_images 0, run_id "" (the run's id), s3_secret.
 
@@ -19,8 +21,8 @@ What kfp.local runs of the package, and what it cannot (kfp 2.17, kfp/local/):
 - it runs the DAG, the finetune condition (dsl.If on a bool parameter), artifact passing, the
   pipeline channels into the condition's DAG and `{{$.pipeline_job_uuid}}` (job_id). The task inputs
   kfp adds for the resources, `{{$.inputs.parameters['pipelinechannel--accelerator_type']}}` and
-  `..._count`, it resolves too (to "huawei.com/Ascend910" and "8.0": the YAML keeps int defaults as
-  floats), but nothing reads them here;
+  `..._count`, it resolves too (to "huawei.com/Ascend910" and "8"), and the train step reads the
+  type as the resource its pod requested;
 - it ignores container resources (task_executor._warn_local_only_noops: cpu/memory requests and
   limits, the accelerator type and count; a warning, no check) and every kfp-kubernetes setting of
   the platform spec: the S3 Secret as env (so the credentials come from this process's environment),
@@ -55,6 +57,7 @@ SMALL = LocalSettings(
 )
 # What this test may set; every other parameter must run at the package's default.
 SHRUNK = {
+    "device",
     "data_source",
     "config_opts",
     "iterations",
@@ -89,7 +92,7 @@ def test_only_the_cpu_shrinks_are_set_and_every_other_parameter_has_a_default(pa
     # The run depends on these defaults being what the README promises.
     assert set(inputs) - set(defaults) == REQUIRED
     assert defaults["device"] == "auto" and defaults["amp"] is True
-    assert defaults["accelerator_type"] == "huawei.com/Ascend910" and int(defaults["accelerator_count"]) == 8
+    assert defaults["accelerator_type"] == "huawei.com/Ascend910" and defaults["accelerator_count"] == "8"
     assert defaults["weights"] == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
     assert defaults["config"] == "configs/Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml"
 
@@ -120,8 +123,8 @@ def test_default_weights_come_through_the_detectron2_scheme(package_run, s3_env,
 @pytest.mark.parametrize("step", ["train", "finetune"])
 def test_training_ran_the_defaults_on_8_cpu_processes(package_run, defaults, step, s3_env, tmp_path):
     model = package_run.metadata(step, "model")
-    # The accelerator placeholders resolved from the defaults, in finetune's condition too.
-    assert model["accelerator"] == "8 x huawei.com/Ascend910"
+    # 8 processes (accelerator_count's default) on the CPU, as device=cpu asked.
+    assert model["accelerator"] == "8 x cpu"
     assert model["config"] == defaults["config"]  # relative, resolved in the working directory
     local = tmp_path / "model_final.pth"
     storage.get_file(model["checkpoint_uri"], local, require_checksum=True)
@@ -131,7 +134,7 @@ def test_training_ran_the_defaults_on_8_cpu_processes(package_run, defaults, ste
     assert ckpt["trainer"]["world_size"] == 8
     assert len(ckpt["trainer"]["rng"]) == 8  # one RNG state gathered from each worker
     cfg = yaml.safe_load(ckpt["meta"]["config"])
-    assert cfg["MODEL"]["DEVICE"] == "auto"
+    assert cfg["MODEL"]["DEVICE"] == "cpu"
     assert cfg["SOLVER"]["AMP"]["ENABLED"] is True
     assert cfg["SOLVER"]["AMP"]["DTYPE"] == "float16"  # the config's; on CPU accel runs float32 instead
     assert cfg["SOLVER"]["IMS_PER_BATCH"] == SMALL.batch * 8

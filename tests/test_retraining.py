@@ -1,7 +1,8 @@
 """The retraining pipeline under kfp.local against SeaweedFS, run after run on one bucket as a
 schedule runs it: the first model is promoted, unchanged data skips, force trains anyway and a worse
-challenger is evaluated and rejected, more data trains a challenger against a re-evaluated champion;
-and the user's path, `python -m pipelines run-local --pipeline retraining`, twice."""
+challenger is evaluated and rejected, more data trains a challenger against a re-evaluated champion,
+a static-shape run re-evaluates the champion in static mode; and the user's path,
+`python -m pipelines run-local --pipeline retraining`, twice."""
 
 import json
 import subprocess
@@ -31,8 +32,10 @@ OPTS = [
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
     "DATALOADER.NUM_WORKERS", "0",
     "SOLVER.WARMUP_ITERS", "1",
+    "TEST.EVAL_PERIOD", "1",  # AP after every iteration: the training curves' and comparison's AP
     "SEED", "5",
 ]  # fmt: skip
+STATIC = [[192, 192]]
 FIXTURE_RUN = dict(
     config=str(FIXTURE / "config.yaml"),
     config_opts=OPTS,
@@ -71,8 +74,8 @@ def schedule(s3_server, tmp_path_factory):
     def run(**overrides):
         summary = run_retrain_local(workdir, TINY, server=s3_server, bucket=bucket,
                                     overrides={**FIXTURE_RUN, **overrides})  # fmt: skip
-        for name in ("comparison.md", "comparison.html"):  # the next run replaces them
-            path = workdir / name
+        for name in ("comparison.md", "comparison.html", "training_curves.html", "report.html"):
+            path = workdir / name  # the next run replaces them
             summary[name] = path.read_text() if path.is_file() else None
         runs.append(summary)
         return summary
@@ -92,6 +95,9 @@ def history(schedule):
     more = workdir / "more-data"
     make_shapes(str(more), num_train=TINY.train_images + 3, num_val=TINY.val_images + 2, seed=0, **SIZES)
     run(data_source=str(more))
+    # Static-shape mode from now on: a challenger evaluated on a canvas against a champion evaluated
+    # in dynamic mode must not be compared as recorded.
+    run(data_source=str(more), force=True, static_canvas=STATIC)
     return runs
 
 
@@ -131,7 +137,9 @@ def test_force_trains_anyway_and_a_worse_challenger_is_rejected(history, s3_env)
     md = forced["comparison.md"]
     assert md.startswith("# Champion vs challenger") and "REJECTED" in md and "Per-category AP" in md
     html = forced["comparison.html"]
-    assert html.count("<img") == 2 * 3  # three example images, champion and challenger each
+    assert html.count("data:image/png") == 2 * 3  # three example images, champion and challenger each
+    # Both models evaluated after their last iteration (TEST.EVAL_PERIOD): their AP over training.
+    assert "<h2>AP over training</h2>" in html and html.count("data:image/svg+xml") == 1
 
 
 def test_more_data_trains_a_warm_challenger_against_the_reevaluated_champion(history, s3_env):
@@ -152,6 +160,33 @@ def test_more_data_trains_a_warm_challenger_against_the_reevaluated_champion(his
     assert champion["eval_data_version"] == record["challenger"]["eval_data_version"]
 
 
+def test_a_static_mode_run_evaluates_the_champion_in_static_mode_too(history, s3_env, tmp_path):
+    from cascade_rcnn.evaluation.evaluate import RESULTS_JSON, evaluate_checkpoint
+    from cascade_rcnn.step_options import StepOptions
+
+    static = history[4]
+    assert static["trained"] and static["plan"] == "warm-start"
+    record = json.loads(storage.get_bytes(static["history"][-1]["uri"]))
+    before = record["champion_before"]
+    # The champion's record was made in dynamic mode; this run's evaluation is on the canvas.
+    assert not before["eval_data_version"].endswith("-static-192x192")
+    assert record["challenger"]["eval_data_version"].endswith("-static-192x192")
+    reevaluated = storage.join(static["root"], "runs", record["run_id"], "promote", "champion_eval")
+    got = json.loads(storage.get_bytes(storage.join(reevaluated, RESULTS_JSON)))
+
+    def evaluate(canvas) -> list:
+        options = StepOptions(before["config"], static_canvas=canvas, device="auto", amp=True)
+        out = tmp_path / f"static-{bool(canvas)}"
+        evaluate_checkpoint(before["config"], before["checkpoint_uri"], record["challenger"]["dataset"],
+                            record["challenger"]["eval_split"], str(out), report=False,
+                            opts=options.overrides(before["config_opts"]))  # fmt: skip
+        return json.loads((out / RESULTS_JSON).read_text())
+
+    in_static, in_dynamic = evaluate(STATIC), evaluate([])
+    assert in_static != in_dynamic  # the two modes are told apart by their detections
+    assert got == in_static  # promote ran the champion on the challenger's canvas, in static mode
+
+
 def test_make_demo_twice_trains_then_skips(tmp_path):
     """What `make demo` runs (sizes shrunk): the second run finds the data unchanged."""
     cmd = [sys.executable, "-m", "pipelines", "run-local", "--pipeline", "retraining", "--workdir",
@@ -167,3 +202,21 @@ def test_make_demo_twice_trains_then_skips(tmp_path):
     assert (second["trained"], second["promoted"]) == (False, False)
     assert second["champion"] == first["champion"] and second["champion"] is not None
     assert "did not train, skipped" in proc.stdout
+
+
+def test_each_run_leaves_its_pages_and_they_render(history, tmp_path, chromium):
+    """The pages a run leaves in the work directory (what `make demo` shows): the challenger's
+    training curves, its evaluation report with the precision/recall curves, and the comparison."""
+    from browser import check_page
+
+    pages = {"training_curves.html", "report.html", "report.md", "comparison.html", "comparison.md"}
+    assert set(history[0]["pages"]) == pages
+    assert history[1]["pages"] == {} and history[1]["training_curves.html"] is None  # skipped: none
+    for run, curves_title in ((history[0], "Training curves"), (history[3], "Fine-tuning curves")):
+        assert set(run["pages"]) == pages
+        assert f"<title>{curves_title}</title>" in run["training_curves.html"]
+        assert "<h2>Precision/recall</h2>" in run["report.html"]
+        for name, figures in (("training_curves.html", 3), ("report.html", 2), ("comparison.html", 1)):
+            path = tmp_path / f"{curves_title[:4]}-{name}"
+            path.write_text(run[name])
+            check_page(chromium, path, min_figures=figures)

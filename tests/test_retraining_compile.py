@@ -71,8 +71,9 @@ def test_credentials_only_by_secret_reference(tmp_path, monkeypatch):
     for executor in spec["deploymentSpec"]["executors"].values():
         assert not [e for e in executor["container"].get("env", []) if e["name"].startswith("AWS_")]
     for name in spec["deploymentSpec"]["executors"]:
-        required = next(s for s in platform["executors"][name]["secretAsEnv"] if not s["optional"])
-        assert required["secretNameParameter"]["componentInputParameter"].endswith("s3_secret")
+        assert "secretAsEnv" not in platform["executors"][name]  # see pipelines/tasks.py
+        (volume,) = platform["executors"][name]["secretAsVolume"]
+        assert volume["secretNameParameter"]["componentInputParameter"].endswith("s3_secret")
 
 
 @pytest.mark.parametrize(
@@ -155,7 +156,10 @@ def test_static_canvas_becomes_the_static_config_keys():
     cfg = load_config(str(REPO / training.DEFAULT_CONFIG), opts)
     assert cfg.MODEL.STATIC.ENABLED is True
     assert [tuple(c) for c in cfg.MODEL.STATIC.CANVAS] == [(800, 1344), (1344, 800)]
-    with pytest.raises(ConfigError, match="static_canvas entries"):
-        static_opts([[800]])
+    # As KFP hands a list parameter to the step: JSON numbers, so floats.
+    assert static_opts([[800.0, 1344.0], [1344.0, 800.0]]) == opts
+    for bad in ([[800]], [[800.5, 1344]], [[True, 1344]], [["800", 1344]]):
+        with pytest.raises(ConfigError, match="static_canvas entries"):
+            static_opts(bad)
     with pytest.raises(ParameterError, match="multiple of 32"):
         check_params({"root": "s3://b-1/x", "static_canvas": [[800, 1333]]}, pipeline_inputs(COMPILED))

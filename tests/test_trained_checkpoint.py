@@ -201,7 +201,7 @@ def test_finetune_with_auto_device(trained, tmp_path):
 
 def test_evaluate_component_with_auto_device(trained, tmp_path):
     """The component's own function body, with kfp's artifact classes at local paths."""
-    from kfp.dsl import HTML, Dataset, Markdown, Metrics, Model
+    from kfp.dsl import HTML, Dataset, Markdown, Metrics
 
     from components.evaluate import evaluate
 
@@ -210,15 +210,17 @@ def test_evaluate_component_with_auto_device(trained, tmp_path):
     table, report = Markdown(uri=str(tmp_path / "table.md")), HTML(uri=str(tmp_path / "report.html"))
     evaluate(
         dataset=Dataset(uri=str(data), metadata={"manifest_uri": str(data)}),
-        model=Model(uri=str(final), metadata={"checkpoint_uri": str(final)}),
+        checkpoint=str(final),
         config=CONFIG,
+        config_opts=["DATALOADER.NUM_WORKERS", 0],
+        static_canvas=[],
+        device="auto",
+        amp=True,
         root=str(tmp_path / "root"),
         run_id="run-1",
         job_id="job-1",
         split="val2017",
         max_images=2,
-        device="auto",
-        config_opts=["DATALOADER.NUM_WORKERS", 0],
         metrics=metrics,
         table=table,
         report=report,

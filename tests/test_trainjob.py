@@ -432,3 +432,152 @@ def test_running_nodes_are_never_timed_out_and_a_failed_job_fails_the_wait():
     with pytest.raises(TrainJobError, match="TrainJob cr-train-x failed"):
         wait(client, "cr-train-x", cluster, clock=lambda: next(now))
     assert client.polls == 21 + 1  # and once more for the failure's detail
+
+
+# ---- waiting on Kubernetes: the node pods as the API server reports them ----
+# The kubelet's rules (kubernetes pkg/kubelet/images/types.go, pkg/kubelet/kubelet_pods.go): a pod the
+# scheduler bound has spec.nodeName and PodScheduled=True while the kubelet pulls its image (the
+# container waits as ContainerCreating); a failed pull waits as ErrImagePull, then ImagePullBackOff.
+
+IMAGE = "registry.example.com/ml/cascade-rcnn-ascend:0.1.0"
+
+
+def _pod(name: str, *, bound: bool, waiting: str | None = None, message: str = ""):
+    from kubernetes.client import (
+        V1Container,
+        V1ContainerState,
+        V1ContainerStateWaiting,
+        V1ContainerStatus,
+        V1ObjectMeta,
+        V1Pod,
+        V1PodCondition,
+        V1PodSpec,
+        V1PodStatus,
+    )
+
+    condition = (
+        V1PodCondition(type="PodScheduled", status="True")
+        if bound
+        else V1PodCondition(
+            type="PodScheduled",
+            status="False",
+            reason="Unschedulable",
+            message="0/3 nodes are available: 3 Insufficient huawei.com/Ascend910.",
+        )
+    )
+    statuses = None
+    if waiting:
+        statuses = [
+            V1ContainerStatus(
+                name="node",
+                image=IMAGE,
+                image_id="",
+                ready=False,
+                restart_count=0,
+                state=V1ContainerState(waiting=V1ContainerStateWaiting(reason=waiting, message=message)),
+            )
+        ]
+    return V1Pod(
+        metadata=V1ObjectMeta(name=name),
+        spec=V1PodSpec(
+            node_name="npu-node-1" if bound else None, containers=[V1Container(name="node", image=IMAGE)]
+        ),
+        status=V1PodStatus(phase="Pending", conditions=[condition], container_statuses=statuses),
+    )
+
+
+class KubernetesCluster(PendingCluster):
+    """A TrainerClient whose backend is the Kubernetes one, answering pod lists with `pods(poll)`."""
+
+    def __init__(self, pods, **kwargs):
+        from kubeflow.trainer.backends.kubernetes.backend import KubernetesBackend
+
+        super().__init__(**kwargs)
+        self.pod_lists = pods
+        self.backend = KubernetesBackend.__new__(KubernetesBackend)  # no cluster to connect to
+        self.backend.namespace = "team-a"
+        self.backend.core_api = self
+        self.backend.custom_api = None  # the CR's conditions: reported as unavailable
+        self.selectors = []
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        from kubernetes.client import V1PodList
+
+        self.selectors.append((namespace, label_selector))
+        return V1PodList(items=self.pod_lists(self.polls))
+
+
+def test_nodes_pulling_their_image_are_scheduled_and_never_timed_out():
+    from cascade_rcnn.engine.trainjob import wait
+
+    _, cluster, _ = two_node_job()
+    cluster = Cluster(**{**cluster.__dict__, "schedule_timeout_s": 60, "poll_s": 0})
+    # Bound and pulling for 30 polls (300 s, five times the timeout), then running, then complete.
+    client = KubernetesCluster(
+        lambda poll: [
+            _pod(f"cr-train-x-node-0-{i}", bound=True, waiting="ContainerCreating") for i in (0, 1)
+        ],
+        running_from=31,
+    )
+    client.get_job_events = lambda name: []
+    statuses = iter(["Created"] * 30 + ["Running"] * 5 + ["Complete"])
+    base_get_job = client.get_job
+
+    def get_job(name):
+        tj = base_get_job(name)
+        return type(tj)(**{**tj.__dict__, "status": next(statuses)})
+
+    client.get_job = get_job
+    now = iter(range(0, 10_000, 10))
+    wait(client, "cr-train-x", cluster, clock=lambda: next(now))
+    assert client.polls == 36
+    assert client.selectors[0] == (
+        "team-a",
+        "jobset.sigs.k8s.io/jobset-name=cr-train-x,jobset.sigs.k8s.io/replicatedjob-name=node",
+    )
+
+
+@pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff", "InvalidImageName"])
+def test_an_image_the_nodes_cannot_pull_fails_the_wait_at_once_naming_the_image(reason):
+    from cascade_rcnn.engine.trainjob import TrainJobError, wait
+
+    _, cluster, _ = two_node_job()
+    cluster = Cluster(**{**cluster.__dict__, "schedule_timeout_s": 3600, "poll_s": 0})
+    message = f'failed to pull and unpack image "{IMAGE}": not found'
+
+    def pods(poll):
+        # The first poll: both pulling; the second: node 1's pull failed.
+        return [
+            _pod("cr-train-x-node-0-0", bound=True, waiting="ContainerCreating"),
+            _pod("cr-train-x-node-0-1", bound=True, waiting=reason if poll >= 2 else "ContainerCreating",
+                 message=message),
+        ]  # fmt: skip
+
+    client = KubernetesCluster(pods)
+    now = iter(range(0, 10_000, 10))
+    with pytest.raises(TrainJobError) as failure:
+        wait(client, "cr-train-x", cluster, clock=lambda: next(now))
+    text = str(failure.value)
+    assert f"node pod cr-train-x-node-0-1 cannot pull its image: {reason}: image {IMAGE}" in text
+    assert message in text
+    assert client.polls == 2 + 1  # at once (and once more for the detail), not after the timeout
+
+
+def test_unbound_node_pods_on_kubernetes_still_time_out_with_the_schedulers_reason():
+    from cascade_rcnn.engine.trainjob import TrainJobError, node_pod, wait
+
+    _, cluster, _ = two_node_job()
+    cluster = Cluster(**{**cluster.__dict__, "schedule_timeout_s": 60, "poll_s": 0})
+    # One node bound and pulling, the other waiting for a free NPU node.
+    client = KubernetesCluster(
+        lambda poll: [
+            _pod("cr-train-x-node-0-0", bound=True, waiting="ContainerCreating"),
+            _pod("cr-train-x-node-0-1", bound=False),
+        ]
+    )
+    assert not node_pod(_pod("p", bound=False)).scheduled
+    now = iter(range(0, 10_000, 10))
+    with pytest.raises(TrainJobError) as failure:
+        wait(client, "cr-train-x", cluster, clock=lambda: next(now))
+    assert "2 node(s) not all scheduled after 60 s" in str(failure.value)
+    assert "Insufficient huawei.com/Ascend910" in str(failure.value)

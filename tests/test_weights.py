@@ -233,7 +233,7 @@ def test_cli(weights_server, tmp_path, capsys):
     assert main([f"detectron2://{D2_ZOO}", "--output", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["uri"] == str(out) and printed["format"] == "d2" and out.exists()
-    assert main([f"detectron2://{D2_ZOO}", "--output", str(out), "--sha256", "0" * 64]) == 1
+    assert main([f"detectron2://{D2_ZOO}", "--output", str(out), "--sha256", "0" * 64]) == 2
     assert "expected " + "0" * 64 in capsys.readouterr().err
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from cascade_rcnn.errors import CascadeRCNNError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,7 @@ AMP_DTYPES = {
 }
 
 
-class AcceleratorError(RuntimeError):
+class AcceleratorError(CascadeRCNNError, RuntimeError):
     """The requested device is unavailable or the AMP settings do not fit it."""
 
 
@@ -163,6 +166,89 @@ def resolve_device_type(name: str) -> str:
         if not torch.npu.is_available():
             raise AcceleratorError(f"MODEL.DEVICE is {name!r} but torch.npu.is_available() is False")
     return base
+
+
+# Device plugins' resource names and the torch device type their devices show up as.
+RESOURCE_DEVICE_TYPES = {"huawei.com/": "npu", "nvidia.com/gpu": "cuda"}
+VISIBILITY_ENV = ("ASCEND_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
+
+
+def parse_count(name: str, value) -> int:
+    """A device or process count given as text: digits only, at least 1. Counts travel as text because
+    the KFP backend fills a pod's accelerator limit only from a STRING run parameter (see
+    pipelines/tasks.py)."""
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise AcceleratorError(
+            f"{name}={value!r} must be a whole number of at least 1, in digits only (e.g. 8)"
+        )
+    return int(text)
+
+
+@dataclass(frozen=True)
+class DeviceProbe:
+    """What this process can see of accelerators: whether torch_npu is installed, the device counts,
+    and the visibility variables the device plugins and runtimes set."""
+
+    torch_npu: bool
+    npu_count: int
+    cuda_count: int
+    env: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        env = ", ".join(f"{k}={self.env[k]!r}" if k in self.env else f"{k} unset" for k in VISIBILITY_ENV)
+        return (
+            f"torch_npu {'installed' if self.torch_npu else 'not installed'}, "
+            f"{self.npu_count} npu and {self.cuda_count} cuda device(s) visible; {env}"
+        )
+
+
+def probe_devices() -> DeviceProbe:
+    has_npu = importlib.util.find_spec("torch_npu") is not None
+    npu_count = 0
+    if has_npu:
+        try:
+            import_torch_npu()
+            npu_count = torch.npu.device_count() if torch.npu.is_available() else 0
+        except Exception as e:  # a broken CANN install: report it as no device
+            log.warning("torch_npu is installed but cannot count devices: %s", e)
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env = {k: os.environ[k] for k in VISIBILITY_ENV if k in os.environ}
+    return DeviceProbe(has_npu, npu_count, cuda_count, env)
+
+
+def require_requested(resource_name: str, count: int, device: str, probe: DeviceProbe | None = None) -> None:
+    """Fail at once when this pod requested `count` devices of `resource_name` (a device plugin's
+    resource, e.g. huawei.com/Ascend910) and MODEL.DEVICE `device` does not find that many: a
+    missing device must not become a CPU run that never ends. device "cpu" is the explicit way to
+    run on the CPU anyway; an empty resource_name (nothing requested) checks nothing."""
+    if not resource_name:
+        return
+    base, _ = _parse(device)
+    if base == "cpu":
+        log.warning(
+            "the pod requested %d x %s but MODEL.DEVICE is cpu: running on the CPU, as asked",
+            count,
+            resource_name,
+        )
+        return
+    want = next((t for prefix, t in RESOURCE_DEVICE_TYPES.items() if resource_name.startswith(prefix)), None)
+    probe = probe or probe_devices()
+    seen = {"npu": probe.npu_count, "cuda": probe.cuda_count}
+    if base == "auto":
+        # auto's order (npu, then cuda), unless the resource says which kind the plugin mounts.
+        found = want or ("npu" if probe.npu_count else "cuda" if probe.cuda_count else None)
+    else:
+        found = base
+    visible = seen.get(found, 0)
+    if found is None or visible < count or (want is not None and found != want):
+        kind = want or found or "accelerator"
+        raise AcceleratorError(
+            f"the step's pod requested {count} x {resource_name}, but MODEL.DEVICE {device!r} finds "
+            f"{visible} {kind} device(s) here ({probe.describe()}). The node's device plugin mounted "
+            "fewer devices than requested, or the image lacks their runtime (torch_npu, CANN's "
+            "set_env.sh); see docs/cluster.md, Troubleshooting. Set device=cpu to train on the CPU on purpose."
+        )
 
 
 def resolve_accelerator(name: str, local_rank: int = 0, amp_dtype: torch.dtype | None = None) -> Accelerator:

@@ -1,9 +1,16 @@
-"""`cascade-rcnn` command line: one sub-command per module, each with its own `main(argv)`."""
+"""`cascade-rcnn` command line: one sub-command per module, each with its own `main(argv)`.
+
+Every sub-command reports the project's own errors as one line, `cascade-rcnn COMMAND: error: ...`,
+with exit status 2 (cascade_rcnn.errors); `--debug` (before or after COMMAND) or CASCADE_RCNN_DEBUG=1
+adds the traceback."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from cascade_rcnn.errors import DEBUG_ENV
 
 # Sub-command -> module that owns it. Imports are lazy so `--help` stays fast and
 # an optional stack (torch_npu, kfp) is only touched by the command that needs it.
@@ -19,7 +26,7 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: cascade-rcnn COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: cascade-rcnn [--debug] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines.append("\nRun `cascade-rcnn COMMAND --help` for a command's options.")
     return "\n".join(lines)
@@ -27,6 +34,9 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--debug"]:
+        os.environ[DEBUG_ENV] = "1"  # read by the command and by any worker process it starts
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

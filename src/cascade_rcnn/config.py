@@ -17,10 +17,12 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from cascade_rcnn.errors import CascadeRCNNError
+
 BASE_KEY = "_BASE_"
 
 
-class ConfigError(ValueError):
+class ConfigError(CascadeRCNNError, ValueError):
     """A config file or override is invalid; the message names the key and the source."""
 
 
@@ -431,7 +433,7 @@ def _suggest(node: Any, key: str, prefix: str) -> str:
     if not isinstance(node, dict):
         return ""
     close = difflib.get_close_matches(str(key), [str(k) for k in node], n=1)
-    return f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
 def _parse_literal(raw: str) -> Any:
@@ -475,8 +477,14 @@ def static_opts(canvas: Sequence) -> list[str]:
         return []
     pairs = []
     for entry in canvas:
+        # KFP hands list parameters over as JSON numbers, so 800 arrives as 800.0.
         if not (
-            isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry)
+            isinstance(entry, (list, tuple))
+            and len(entry) == 2
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+                for v in entry
+            )
         ):
             raise ConfigError(f"static_canvas entries must be [height, width] integer pairs, got {entry!r}")
         pairs.append((int(entry[0]), int(entry[1])))

@@ -1,16 +1,15 @@
-"""What the commands that run a model from a config (`evaluate`, `predict`) share: the --config and
---opts options, logging, loading the config, and turning the errors a user can fix into
-`PROG: error: MESSAGE` and an exit status (anything else is a bug and keeps its traceback)."""
+"""What the commands that run a model from a config (`evaluate`, `predict`) share: the --config,
+--opts and --debug options, logging, loading the config, and reporting the errors a user can fix as
+`PROG: error: MESSAGE` with status 2 (cascade_rcnn.errors; anything else keeps its traceback)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from cascade_rcnn.errors import EXIT_STATUS, add_debug_option, run_command
 
 
 def add_config_options(
@@ -18,29 +17,17 @@ def add_config_options(
 ) -> None:
     parser.add_argument("--config", required=True, help="detectron2-style YAML config")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help=opts_help)
+    add_debug_option(parser)
 
 
-def run_with_config(
-    prog: str,
-    args: argparse.Namespace,
-    body: Callable[[Any], int],
-    errors: tuple[type[BaseException], ...],
-    error_status: int,
-) -> int:
-    """body(the config of args.config with args.opts applied) -> its exit status; `errors` print as
-    `prog: error: ...` and give `error_status`. Odd --opts are a usage error (status 2)."""
+def run_with_config(prog: str, args: argparse.Namespace, body: Callable[[Any], int]) -> int:
+    """body(the config of args.config with args.opts applied) -> its exit status, through
+    errors.run_command. Odd --opts are a usage error."""
     if len(args.opts) % 2:
         print(f"{prog}: error: --opts takes KEY VALUE pairs, got {args.opts}", file=sys.stderr)
-        return 2
+        return EXIT_STATUS
     from cascade_rcnn.config import load_config
     from cascade_rcnn.logs import setup_logging
 
     setup_logging()
-
-    try:
-        return body(load_config(args.config, args.opts))
-    except errors as e:
-        # Their messages name the file or key; the traceback is for --debug-level logging only.
-        logger.debug("%s failed", prog, exc_info=True)
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return error_status
+    return run_command(prog, lambda: body(load_config(args.config, args.opts)), args.debug)

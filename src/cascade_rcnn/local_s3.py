@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ _CAPACITY_FLAGS = ["-volume.max=2000"]
 _PORT_NAMES = ("master", "volume", "filer", "s3", "admin")
 
 
-class SeaweedError(RuntimeError):
+class SeaweedError(CascadeRCNNError, RuntimeError):
     """SeaweedFS could not be found, started or reached."""
 
 

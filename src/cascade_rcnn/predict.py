@@ -29,13 +29,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from cascade_rcnn.checkpoint import CheckpointError, load_pretrained
+from cascade_rcnn.checkpoint import load_pretrained
 from cascade_rcnn.config_command import add_config_options, run_with_config
+from cascade_rcnn.errors import CascadeRCNNError
 
 logger = logging.getLogger(__name__)
 
 
-class PredictError(Exception):
+class PredictError(CascadeRCNNError):
     """Bad input to prediction (missing/unreadable image, bad categories file); names the file."""
 
 
@@ -276,8 +277,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from cascade_rcnn.accel import AcceleratorError
-    from cascade_rcnn.config import ConfigError
 
     def predict(cfg) -> int:
         if not (args.weights if args.weights is not None else cfg.MODEL.WEIGHTS).strip():
@@ -290,8 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         logger.info("Wrote %d detections on %d images to %s", total, len(records), args.output)
         return 0
 
-    errors = (PredictError, CheckpointError, ConfigError, AcceleratorError)
-    return run_with_config("cascade-rcnn predict", args, predict, errors, error_status=2)
+    return run_with_config("cascade-rcnn predict", args, predict)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from cascade_rcnn import storage
+from cascade_rcnn.errors import CascadeRCNNError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_ATTEMPTS = 20
 
 
-class RegistryError(ValueError):
+class RegistryError(CascadeRCNNError, ValueError):
     """A registry record is malformed, or the registry cannot be used safely; names the URI and key."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from cascade_rcnn import registry, storage
 from cascade_rcnn.ingest.manifest import data_version, read_manifest
 from cascade_rcnn.registry import ChampionRecord, Decision
+from cascade_rcnn.step_options import StepOptions
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,18 @@ def _manifest(uri: str) -> dict:
     return manifest
 
 
-def eval_data_version(manifest: Mapping, split: str, max_images: int | None) -> str:
-    """The evaluated data: the split's version, narrowed to its first `max_images` images when set."""
-    base = data_version(manifest, split)
-    if not max_images:
-        return base
-    return base + "-first" + hashlib.sha256(f"{base}:{max_images}".encode()).hexdigest()[:8]
+def eval_data_version(
+    manifest: Mapping, split: str, max_images: int | None, static_canvas: Sequence = ()
+) -> str:
+    """What an evaluation's AP was measured on: the split's version, narrowed to its first
+    `max_images` images when set, and the static-shape canvases when the models ran in that mode
+    (its padding differs from dynamic mode's, so AP from the two is not compared as one)."""
+    version = data_version(manifest, split)
+    if max_images:
+        version += "-first" + hashlib.sha256(f"{version}:{max_images}".encode()).hexdigest()[:8]
+    if static_canvas:
+        version += "-static-" + "-".join(f"{int(h)}x{int(w)}" for h, w in static_canvas)
+    return version
 
 
 @dataclass(frozen=True)
@@ -102,11 +109,7 @@ def _jsonable(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str,
     }
 
 
-def _device_opts(device: str, opts: Sequence[str]) -> list[str]:
-    return ["MODEL.DEVICE", device, *[str(x) for x in opts]]
-
-
-def _examples(cfg_path: str, opts: Sequence[str], weights: str, split: Any, device: str) -> dict[Any, tuple]:
+def _examples(cfg_path: str, opts: Sequence[str], weights: str, split: Any) -> dict[Any, tuple]:
     """{image_id: (RGB image, Detections)} of `weights` on the records of `split`."""
     from cascade_rcnn.accel import accelerator_from_cfg
     from cascade_rcnn.config import load_config
@@ -117,14 +120,12 @@ def _examples(cfg_path: str, opts: Sequence[str], weights: str, split: Any, devi
         results_to_detections,
     )
 
-    cfg = load_config(cfg_path, _device_opts(device, opts))
+    cfg = load_config(cfg_path, list(opts))
     dev = accelerator_from_cfg(cfg, 0).device
     model = load_model(cfg, weights, dev, thing_classes=split.meta.thing_classes)
-    _, predictions = evaluate_model(
-        model, cfg, split, device=dev, progress=False, keep_images=len(split.records)
-    )
+    found = evaluate_model(model, cfg, split, device=dev, progress=False, keep_images=len(split.records))
     out = {}
-    for pred in predictions:
+    for pred in found.predictions:
         image = pred.get("image")
         image = _read_image_rgb(pred["file_name"]) if image is None else image
         det = results_to_detections(
@@ -134,21 +135,33 @@ def _examples(cfg_path: str, opts: Sequence[str], weights: str, split: Any, devi
     return out
 
 
+def _ap_history(checkpoint_uri: str):
+    """The AP during the training run that left `checkpoint_uri` (its folder's metrics.jsonl), or
+    None when that is gone."""
+    from cascade_rcnn.engine.curves import eval_series
+    from cascade_rcnn.engine.metrics import read_rows
+    from cascade_rcnn.evaluation.compare import APHistory
+
+    try:
+        rows = read_rows(checkpoint_uri.rsplit("/", 1)[0])
+    except storage.StorageError as e:
+        logger.warning("no AP history for %s: %s", checkpoint_uri, e)
+        return None
+    if not rows:
+        return None
+    return APHistory(eval_series(rows), max(int(r["iteration"]) for r in rows))
+
+
 def decide_promotion(
+    options: StepOptions,
     *,
-    root: str,
     model_name: str,
     manifest_uri: str,
     train_split: str,
     eval_split: str,
     eval_max_images: int | None,
-    config: str,
-    config_opts: Sequence[str],
     checkpoint_uri: str,
     challenger_eval: str,
-    run_id: str,
-    output: str,
-    device: str = "auto",
     metric: str = registry.DEFAULT_METRIC,
     min_improvement: float = 0.0,
     num_examples: int = 3,
@@ -156,14 +169,21 @@ def decide_promotion(
     report_html_to: str | None = None,
 ) -> Decision:
     """Promote the challenger (its checkpoint, evaluated into `challenger_eval`/metrics.json) or keep
-    the champion, record the decision, and write comparison.md / comparison.html under `output`
-    (and to the local files report_md_to / report_html_to when given)."""
+    the champion, record the decision, and write comparison.md / comparison.html under the run's
+    `promote` prefix (and to the local files report_md_to / report_html_to when given).
+
+    options: the run's model options (the challenger's config and overrides, device, AMP, static
+    canvases, root and run). The champion, when it must be evaluated again, runs with its own config
+    and overrides in the same mode (device, AMP, static canvases) as the challenger was.
+    """
     from cascade_rcnn.evaluation.coco_eval import load_metrics_json
     from cascade_rcnn.evaluation.compare import ComparisonExample, comparison_html, comparison_markdown
     from cascade_rcnn.evaluation.evaluate import evaluate_checkpoint, prepare_split
 
+    root, run_id, output = options.root, options.run, options.output("promote")
+    config, config_opts = options.config, [str(x) for x in options.config_opts]
     manifest = _manifest(manifest_uri)
-    eval_version = eval_data_version(manifest, eval_split, eval_max_images)
+    eval_version = eval_data_version(manifest, eval_split, eval_max_images, options.static_canvas)
     metrics = load_metrics_json(storage.get_bytes(storage.join(challenger_eval, "metrics.json")))
     challenger = ChampionRecord(
         model_name=model_name,
@@ -193,7 +213,7 @@ def decide_promotion(
             eval_split,
             storage.join(output, "champion_eval"),
             max_images=eval_max_images,
-            opts=_device_opts(device, champion.config_opts),
+            opts=options.overrides(champion.config_opts),
         )
         return _jsonable(again)
 
@@ -209,10 +229,10 @@ def decide_promotion(
     if num_examples > 0:
         split = prepare_split(manifest_uri, eval_split, eval_max_images)
         split = dataclasses.replace(split, records=split.records[:num_examples])
-        ours = _examples(config, config_opts, checkpoint_uri, split, device)
+        ours = _examples(config, options.overrides(), checkpoint_uri, split)
         before = decision.champion_before
         theirs = (
-            _examples(before.config, before.config_opts, before.checkpoint_uri, split, device)
+            _examples(before.config, options.overrides(before.config_opts), before.checkpoint_uri, split)
             if before
             else {}
         )
@@ -238,6 +258,10 @@ def decide_promotion(
         "history record": decision.history_uri,
     }
     champion_metrics = decision.champion_metrics
+    history = {"challenger": _ap_history(checkpoint_uri)}
+    if decision.champion_before:
+        history["champion"] = _ap_history(decision.champion_before.checkpoint_uri)
+    history = {who: h for who, h in history.items() if h is not None}
     texts = (
         (
             comparison_markdown(
@@ -258,6 +282,7 @@ def decide_promotion(
                 decision=decision.decision,
                 reason=decision.reason,
                 details=details,
+                history=history,
             ),
             COMPARISON_HTML,
             report_html_to,

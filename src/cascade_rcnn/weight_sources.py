@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from cascade_rcnn import storage
+from cascade_rcnn.errors import CascadeRCNNError
 
 D2_BASE_URL = "https://dl.fbaipublicfiles.com/detectron2"
 D2_BASE_ENV = "CASCADE_RCNN_D2_BASE_URL"
@@ -33,7 +34,7 @@ TORCHVISION_DEFAULT_WEIGHTS = "IMAGENET1K_V1"
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{6,64})\.[A-Za-z0-9]+$")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(CascadeRCNNError, RuntimeError):
     """Weights could not be resolved, fetched, verified or converted; the message names the source."""
 
 

@@ -13,12 +13,11 @@ import json
 import logging
 import os
 import re
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cascade_rcnn import storage
+from cascade_rcnn import errors
 from cascade_rcnn.logs import setup_logging
 
 # Resolving and downloading live in weight_sources, which checkpoint uses too.
@@ -126,12 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="checkpoint URI to write (s3://... or a path)")
     parser.add_argument("--sha256", help="expected sha256 of the source file")
     parser.add_argument("--cache-dir", help="keep downloads here (resumable between runs)")
+    errors.add_debug_option(parser)
     args = parser.parse_args(argv)
     setup_logging()
-    try:
+
+    def fetch() -> int:
         result = fetch_weights(args.source, args.output, sha256=args.sha256, cache_dir=args.cache_dir)
-    except (WeightsError, storage.StorageError) as e:
-        print(f"cascade-rcnn fetch-weights: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(asdict(result), indent=1))
-    return 0
+        print(json.dumps(asdict(result), indent=1))
+        return 0
+
+    return errors.run_command("cascade-rcnn fetch-weights", fetch, args.debug)

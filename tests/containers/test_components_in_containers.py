@@ -140,15 +140,17 @@ def test_pipeline_ingest_fetch_weights_evaluate(docker_runner, cpu_image, pipeli
         model = fetch(source=weights, sha256="", root=root)
         evaluate_(
             dataset=data.outputs["dataset"],
-            model=model.outputs["model"],
+            checkpoint=model.outputs["Output"],
             config=CONFIG,
+            config_opts=SLIM_OPTS,
+            static_canvas=[],
+            device="auto",  # what the pipeline passes by default
+            amp=True,
             root=root,
             run_id="smoke",
             job_id="",
             split="val2017",
             max_images=0,
-            device="auto",  # what the pipeline passes by default
-            config_opts=SLIM_OPTS,
         )
 
     smoke(source=source, weights=weights_source, root=root)

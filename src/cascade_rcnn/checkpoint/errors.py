@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cascade_rcnn.errors import CascadeRCNNError
 
-class CheckpointError(Exception):
+
+class CheckpointError(CascadeRCNNError):
     """A weights file that cannot be read or used; the message names the file."""

@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.storage import local_path
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 _MAX_LISTED = 10
 
 
-class DataError(ValueError):
+class DataError(CascadeRCNNError, ValueError):
     """Bad input data; the message names the file and the image/annotation id."""
 
 

@@ -9,6 +9,8 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from cascade_rcnn.errors import CascadeRCNNError
+
 _EXIF_ORIENTATION = 274  # EXIF tag id of "Orientation"
 
 # Orientation tag value -> the transpose that displays the image upright.
@@ -25,7 +27,7 @@ _ORIENTATION_TRANSPOSE = {
 FORMATS = ("BGR", "RGB", "L")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(CascadeRCNNError, ValueError):
     """The bytes or file could not be decoded as an image; the message names the source."""
 
 

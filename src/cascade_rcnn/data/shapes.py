@@ -27,6 +27,8 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cascade_rcnn import errors
+from cascade_rcnn.data.coco import DataError
 from cascade_rcnn.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -226,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-size", type=int, default=448, help="largest image side in px")
     parser.add_argument("--max-shapes", type=int, default=5, help="most shapes per image")
     parser.add_argument("--crowd-every", type=int, default=8, help="every k-th image gets a crowd (0: none)")
+    errors.add_debug_option(parser)
     args = parser.parse_args(argv)
+    if not 16 <= args.min_size <= args.max_size:
+        parser.error(f"need 16 <= --min-size <= --max-size, got {args.min_size} and {args.max_size}")
     setup_logging(fmt="%(levelname)s %(name)s: %(message)s")
     opts = dict(
         num_train=args.train,
@@ -237,20 +242,23 @@ def main(argv: list[str] | None = None) -> int:
         max_shapes=args.max_shapes,
         crowd_every=args.crowd_every,
     )
-    try:
-        if args.out.startswith("s3://"):
-            from cascade_rcnn import storage
 
-            with tempfile.TemporaryDirectory() as tmp:
-                make_shapes(tmp, **opts)
-                storage.upload_tree(tmp, args.out)
-        else:
-            make_shapes(args.out, **opts)
-    except (ValueError, OSError) as e:
-        print(f"cascade-rcnn make-shapes: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote shapes data set to {args.out}")
-    return 0
+    def write() -> int:
+        try:
+            if args.out.startswith("s3://"):
+                from cascade_rcnn import storage
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    make_shapes(tmp, **opts)
+                    storage.upload_tree(tmp, args.out)
+            else:
+                make_shapes(args.out, **opts)
+        except OSError as e:  # an unwritable output: the user's to fix
+            raise DataError(f"cannot write the shapes data set to {args.out}: {e}") from e
+        print(f"wrote shapes data set to {args.out}")
+        return 0
+
+    return errors.run_command("cascade-rcnn make-shapes", write, args.debug)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def split_of(name: str) -> str:
     if name in DATASETS:
         return DATASETS[name].split
     if name.startswith(("coco_", "shapes_")):
-        raise ValueError(f"unknown dataset name {name!r}; known: {', '.join(sorted(DATASETS))}")
+        raise DataError(f"unknown dataset name {name!r}; known: {', '.join(sorted(DATASETS))}")
     return name
 
 

@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Callable, Optional
 
+from ..errors import CascadeRCNNError
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def _yield_cpu() -> None:
         pass
 
 
-class BackgroundWriteError(RuntimeError):
+class BackgroundWriteError(CascadeRCNNError):
     """A background write failed; the message names what was being written (the URI)."""
 
 

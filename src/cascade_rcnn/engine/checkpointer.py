@@ -26,6 +26,7 @@ import torch
 
 from .. import storage
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..errors import CascadeRCNNError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ FINAL = "model_final.pth"
 _PERIODIC = re.compile(r"model_(\d{7})\.pth$")
 
 
-class TrainingCheckpointError(RuntimeError):
+class TrainingCheckpointError(CascadeRCNNError, RuntimeError):
     """A training checkpoint under the output, or its last_checkpoint pointer, cannot be used to
     resume; the message names the URI. (cascade_rcnn.checkpoint.CheckpointError is about a weights
     file; Checkpointer.load wraps it in this.)"""

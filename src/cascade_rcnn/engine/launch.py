@@ -10,8 +10,11 @@ Process layout follows torchrun:
   this node's rank from PET_NODE_RANK (as PyTorchJob sets them);
 - otherwise: one process, no process group.
 
+A worker's expected error (cascade_rcnn.errors) reaches the command as one line that names the
+worker's rank, without the traceback (`_elastic_worker`, `WorkerError`).
+
 SIGTERM (preemption): every worker finishes its iteration, the workers checkpoint it together and
-exit non-zero (engine/preemption.py), and the step's retry resumes. torch's elastic agent would
+exit with 143 (engine/preemption.py), and the step's retry resumes. torch's elastic agent would
 instead SIGKILL the workers 30 s after passing SIGTERM on (PContext.close(timeout=30); configurable
 only from the release with pytorch/pytorch#172596, TORCH_ELASTIC_SHUTDOWN_TIMEOUT), too soon for a
 large checkpoint's upload. It installs that handler only from the main thread (PContext.start), so
@@ -30,15 +33,23 @@ import sys
 import threading
 import uuid
 
-from .. import storage
+from .. import errors, storage
+from ..accel import require_requested, resolve_device_type
+from ..config import ConfigError
+from ..errors import CascadeRCNNError
 from ..logs import setup_training_logging
+from .curves import write_training_curves
 from .metrics import last_eval
 from .preemption import EXIT_CODE, StopSignal, TrainingInterrupted
-from .run import TrainJob, run_worker
+from .run import TrainJob, run_worker, train_splits
 
-__all__ = ["TrainJob", "run_training", "run_command"]
+__all__ = ["TrainJob", "WorkerError", "run_training", "run_command"]
 
 log = logging.getLogger(__name__)
+
+
+class WorkerError(CascadeRCNNError):
+    """A worker process stopped on an expected error; the message names its rank."""
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -73,20 +84,21 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-after", action="store_true", help="evaluate model_final on the validation split")
     p.add_argument("--keep-checkpoints", type=int, default=0, help="periodic checkpoints to keep (0: all)")
+    errors.add_debug_option(p)
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return p
 
 
 def job_from_args(command: str, args: argparse.Namespace) -> TrainJob:
     if len(args.opts) % 2:
-        raise SystemExit(f"cascade-rcnn {command}: --opts needs KEY VALUE pairs, got {args.opts}")
+        raise ConfigError(f"--opts needs KEY VALUE pairs, got {args.opts}")
     output = args.output
     if output is None:
         from ..config import load_config
 
         output = load_config(args.config, args.opts).OUTPUT_DIR  # as detectron2's trainers write there
         if not output:
-            raise SystemExit(f"cascade-rcnn {command}: no --output and the config's OUTPUT_DIR is empty")
+            raise ConfigError("no --output and the config's OUTPUT_DIR is empty")
     return TrainJob(
         config=args.config,
         data=args.data,
@@ -115,17 +127,18 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise SystemExit(f"environment {name}={raw!r} is not an integer") from None
+        raise ConfigError(f"environment {name}={raw!r} is not an integer") from None
 
 
 def launch_elastic(cfg, job: TrainJob, nproc_per_node: int) -> str | None:
     """N workers on this node (and PET_NNODES nodes in all), as torchrun's static rendezvous does."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     nnodes = _env_int("PET_NNODES", 1)
     node_rank = _env_int("PET_NODE_RANK", _env_int("NODE_RANK", 0))
     if nnodes > 1 and "MASTER_ADDR" not in os.environ:
-        raise SystemExit(
+        raise ConfigError(
             f"PET_NNODES={nnodes} but MASTER_ADDR is not set: every node must know the master's address"
         )
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
@@ -151,8 +164,37 @@ def launch_elastic(cfg, job: TrainJob, nproc_per_node: int) -> str | None:
     log.info(
         "starting %d workers on node %d of %d (master %s:%d)", nproc_per_node, node_rank, nnodes, addr, port
     )
-    results = _run_agent(lambda: elastic_launch(config, run_worker)(cfg, job))  # spawn pickles them
+    agent_log = logging.getLogger(AGENT_LOGGER)
+    quiet = None if errors.debug_requested() else _HideExpectedExit()
+    if quiet:
+        agent_log.addFilter(quiet)
+    try:
+        results = _run_agent(lambda: elastic_launch(config, _elastic_worker)(cfg, job))  # spawn pickles them
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        message = failure.error_file_data.get(errors.ERROR_FILE_KEY)
+        if message is None or errors.debug_requested():
+            raise
+        raise WorkerError(message) from None
+    finally:
+        if quiet:
+            agent_log.removeFilter(quiet)
     return results.get(0) if isinstance(results, dict) else None
+
+
+# The agent logs each failed worker with the traceback of the parent's ProcessExitedException
+# (torch/distributed/elastic/multiprocessing/api.py, MultiprocessContext._poll: logger.exception).
+AGENT_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+
+
+class _HideExpectedExit(logging.Filter):
+    """Drops the agent's record of a worker that exited with EXIT_STATUS (it reported an expected
+    error, which the command prints as one line) or with preemption.EXIT_CODE (it stopped on SIGTERM
+    after its checkpoint, and said so)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return getattr(exc, "exit_code", None) not in (errors.EXIT_STATUS, EXIT_CODE)
 
 
 def _child_pids() -> list[int]:
@@ -210,9 +252,34 @@ def _run_agent(launch):
             raise TrainingInterrupted(
                 "stopped on request (SIGTERM): the workers checkpointed their last finished iteration "
                 "(see their log); the same command (the step's retry) resumes from it"
-            ) from error
+            ) from None
         raise error
     return outcome.get("result")
+
+
+def _elastic_worker(cfg, job: TrainJob) -> str | None:
+    """run_worker in a process that the elastic agent started.
+
+    An expected error goes to the agent's error file, marked as ours (errors.write_error_file), and
+    the process ends with status 2 and no traceback; launch_elastic then raises it as a WorkerError.
+    The agent wraps this function in torch's `record`, which re-raises a SystemExit without writing
+    an error file of its own (torch/distributed/elastic/multiprocessing/errors/__init__.py, record;
+    multiprocessing/api.py, _wrap). With --debug the error propagates with its traceback."""
+    try:
+        return run_worker(cfg, job)
+    except TrainingInterrupted:
+        sys.exit(EXIT_CODE)  # run_worker said where it stopped; no traceback for a preemption
+    except CascadeRCNNError as e:
+        if errors.debug_requested():
+            raise
+        errors.write_error_file(e)
+        sys.exit(errors.EXIT_STATUS)
+
+
+def _device_used(job: TrainJob, cfg) -> str:
+    """The requested resource when the run used it, else the device type (cpu with device=cpu)."""
+    device_type = resolve_device_type(str(cfg.MODEL.DEVICE))
+    return job.accelerator if job.accelerator and device_type != "cpu" else device_type
 
 
 def run_training(job: TrainJob) -> dict | None:
@@ -224,15 +291,21 @@ def run_training(job: TrainJob) -> dict | None:
     "eval_iteration". None in a process that does not hold rank 0 (a torchrun worker, another node).
     """
     from ..config import load_config
+    from ..data.splits import resolve_dataset
 
     setup_training_logging()
     nproc = job.nproc_per_node or _env_int("PET_NPROC_PER_NODE", 1)
     if nproc < 1:
-        raise SystemExit(f"--nproc-per-node must be at least 1, got {nproc}")
+        raise ConfigError(f"--nproc-per-node must be at least 1, got {nproc}")
     overrides = job.overrides(nproc)
     log.info("%s %s with the overrides %s", "finetune" if job.finetune else "train", job, overrides)
     cfg = load_config(job.config, overrides)
     cfg.OUTPUT_DIR = job.output  # the checkpoints' config names where the run wrote
+    # Before any worker starts: a pod that asked for devices and got none fails here, in seconds.
+    require_requested(job.accelerator, nproc, str(cfg.MODEL.DEVICE))
+    # Missing data shows here in a moment, not in every worker once its model is built.
+    for split in train_splits(cfg, job):
+        resolve_dataset(job.data, split)
     if "LOCAL_RANK" not in os.environ and (nproc > 1 or _env_int("PET_NNODES", 1) > 1):
         final = launch_elastic(cfg, job, nproc)
     else:
@@ -247,7 +320,7 @@ def run_training(job: TrainJob) -> dict | None:
         "sha256": storage.head(final).sha256,
         "format": "cascade_rcnn",
         "iterations": int(cfg.SOLVER.MAX_ITER) if job.iterations is None else job.iterations,
-        "accelerator": f"{nproc} x {job.accelerator or cfg.MODEL.DEVICE}",
+        "accelerator": f"{nproc} x {_device_used(job, cfg)}",
         "data": job.data,
         "config": job.config,
     }
@@ -255,6 +328,11 @@ def run_training(job: TrainJob) -> dict | None:
     if evaluation is not None:
         record["eval_iteration"] = evaluation.pop("iteration")
         record["eval"] = evaluation
+    try:
+        title = "Fine-tuning curves" if job.finetune else "Training curves"
+        record["training_curves"] = write_training_curves(job.output, title)
+    except Exception:  # a page must not fail the training that produced the checkpoint
+        log.warning("could not draw the training curves of %s", job.output, exc_info=True)
     return record
 
 
@@ -262,14 +340,21 @@ def run_command(command: str, argv: list[str]) -> int:
     """`cascade-rcnn COMMAND ARGV...` for COMMAND "train" or "finetune" (the `cascade-rcnn` CLI's entry)."""
     if command not in ("train", "finetune"):
         raise ValueError(f"cascade_rcnn.engine.launch handles train and finetune, not {command!r}")
-    try:
-        record = run_training(job_from_args(command, build_parser(command).parse_args(argv)))
-    except TrainingInterrupted as e:
-        log.error("%s", e)
-        return EXIT_CODE
-    if record:
-        print(f"final checkpoint: {record['checkpoint_uri']}")
-    return 0
+    args = build_parser(command).parse_args(argv)
+    if args.debug:
+        os.environ[errors.DEBUG_ENV] = "1"  # the workers' too
+
+    def train() -> int:
+        try:
+            record = run_training(job_from_args(command, args))
+        except TrainingInterrupted as e:
+            print(f"cascade-rcnn {command}: {e}", file=sys.stderr, flush=True)
+            return EXIT_CODE
+        if record:
+            print(f"final checkpoint: {record['checkpoint_uri']}")
+        return 0
+
+    return errors.run_command(f"cascade-rcnn {command}", train, args.debug)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import storage
 from ..comm import broadcast_object, unwrap
+from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class TrainingEvaluator:
         from ..evaluation.evaluate import prepare_split
 
         if not names:
-            raise ValueError(
+            raise ConfigError(
                 f"TEST.EVAL_PERIOD={cfg.TEST.EVAL_PERIOD} needs a validation split: "
                 "set DATASETS.TEST in the config or pass --val-split"
             )
@@ -75,10 +76,17 @@ class TrainingEvaluator:
         module = unwrap(model)  # no DDP in inference: shards differ in length, nothing to reduce
         results = {}
         for split in self.splits:
-            metrics, predictions = evaluate_model(module, self.cfg, split, device=self.device)
+            found = evaluate_model(module, self.cfg, split, device=self.device)
             if final and self.write_final_to and _rank() == 0:
                 out = eval_output(self.write_final_to, split.name, len(self.splits))
-                write_results(out, metrics, predictions, split, weights=self.final_weights)
-            results[split.name] = metrics
+                write_results(
+                    out,
+                    found.metrics,
+                    found.predictions,
+                    split,
+                    weights=self.final_weights,
+                    curves=found.curves,
+                )
+            results[split.name] = found.metrics
         self.evaluations += 1
         return broadcast_object(results)

@@ -22,6 +22,8 @@ from ..comm import (
     seed_all,
     shared_seed,
 )
+from ..config import ConfigError
+from ..data.coco import DataError
 from ..logs import setup_training_logging
 from .checkpointer import FINAL, Checkpointer, restore_rng
 from .metrics import MetricsWriter, is_eval_row
@@ -48,7 +50,9 @@ class TrainJob:
     reference recipe put them), SOLVER.BASE_LR, SOLVER.IMS_PER_BATCH (times the node's workers),
     MODEL.DEVICE and SOLVER.AMP.ENABLED; None leaves the config's value.
     nproc_per_node: worker processes on this node (None or 0: PET_NPROC_PER_NODE, else 1).
-    accelerator: the accelerator's resource name, only recorded (default: MODEL.DEVICE).
+    accelerator: the device plugin resource (e.g. huawei.com/Ascend910) of which this node's pod
+    requested nproc_per_node; the run then fails at once unless MODEL.DEVICE finds that many devices
+    (accel.require_requested). "": nothing requested, no check (the CLI, local runs).
     """
 
     config: str
@@ -90,7 +94,7 @@ class TrainJob:
 
 def batch_per_device(ims_per_batch: int, world_size: int) -> int:
     if ims_per_batch <= 0 or ims_per_batch % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"SOLVER.IMS_PER_BATCH={ims_per_batch} must be a positive multiple of the world size {world_size} "
             "(it is the total batch over all processes)"
         )
@@ -102,7 +106,7 @@ def train_splits(cfg, job: TrainJob) -> list[str]:
         return [job.train_split]
     names = list(cfg.DATASETS.TRAIN)
     if not names:
-        raise ValueError("no training split: set DATASETS.TRAIN in the config or pass --train-split")
+        raise ConfigError("no training split: set DATASETS.TRAIN in the config or pass --train-split")
     return names
 
 
@@ -114,13 +118,13 @@ def load_train_records(cfg, job: TrainJob):
     for name in train_splits(cfg, job):
         recs, m = load_split(job.data, name)
         if meta is not None and m.thing_classes != meta.thing_classes:
-            raise ValueError(
+            raise DataError(
                 f"{job.data}: split {name!r} has classes {m.thing_classes}, others {meta.thing_classes}"
             )
         records += recs
         meta = m
     if meta.num_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.ROI_HEADS.NUM_CLASSES={cfg.MODEL.ROI_HEADS.NUM_CLASSES} but {job.data} "
             f"({', '.join(train_splits(cfg, job))}) has {meta.num_classes} categories: {meta.thing_classes}"
         )

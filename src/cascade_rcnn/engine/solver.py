@@ -9,6 +9,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..errors import CascadeRCNNError
+
 log = logging.getLogger(__name__)
 
 # Norm layers whose affine parameters get SOLVER.WEIGHT_DECAY_NORM (detectron2's list).
@@ -26,7 +28,7 @@ _NORM_TYPES = (
 )
 
 
-class SolverError(ValueError):
+class SolverError(CascadeRCNNError, ValueError):
     """A SOLVER setting cannot be used; the message names the key."""
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .. import storage
+from ..errors import CascadeRCNNError
 from .run import TrainJob
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ PATCH_MANAGER = "cascade-rcnn.org/launcher"
 _SHELL_SPECIAL = re.compile(r"[$`\\]")
 
 
-class TrainJobError(RuntimeError):
+class TrainJobError(CascadeRCNNError, RuntimeError):
     """The TrainJob failed, could not be scheduled in time, or could not be created."""
 
 
@@ -448,17 +449,79 @@ def _exceptions(lines: list[str], limit: int = 5) -> list[str]:
     return found
 
 
-def _scheduled(tj) -> bool:
+# Container waiting reasons with which the kubelet reports an image it cannot pull
+# (kubernetes pkg/kubelet/images/types.go: ErrImagePull, ImagePullBackOff, InvalidImageName,
+# ErrImageNeverPull, ImageInspectError; RegistryUnavailable in older releases). Retrying hides them
+# behind a back-off of minutes, so the launcher reports them at once.
+PULL_ERRORS = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "ImageInspectError",
+     "RegistryUnavailable"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NodePod:
+    """What the launcher needs of a node's pod. scheduled: bound to a node (spec.nodeName, or the
+    PodScheduled condition True), so pulling the image or creating the container is progress, not
+    a wait for the scheduler. pull_error: why the kubelet cannot pull the image, with the image."""
+
+    name: str
+    scheduled: bool
+    pull_error: str = ""
+
+
+def node_pod(pod: Any) -> NodePod:
+    """A kubernetes.client V1Pod (as CoreV1Api returns it) as a NodePod."""
+    status = pod.status
+    bound = bool(pod.spec and pod.spec.node_name) or any(
+        c.type == "PodScheduled" and c.status == "True" for c in (status and status.conditions) or []
+    )
+    images = {c.name: c.image for c in [*(pod.spec.init_containers or []), *(pod.spec.containers or [])]}
+    error = ""
+    for cs in [
+        *((status and status.init_container_statuses) or []),
+        *((status and status.container_statuses) or []),
+    ]:
+        waiting = cs.state.waiting if cs.state else None
+        if waiting is not None and waiting.reason in PULL_ERRORS:
+            image = cs.image or images.get(cs.name, "?")
+            error = f"{waiting.reason}: image {image} of container {cs.name}: {waiting.message or ''}".rstrip(
+                ": "
+            )
+            break
+    return NodePod(pod.metadata.name, bound, error)
+
+
+def _node_pods(client, name: str) -> Optional[list[NodePod]]:
+    """The TrainJob's node pods on Kubernetes; None on other backends (the container backend pulls
+    before it creates anything)."""
+    if not _is_kubernetes(client):
+        return None
+    from kubeflow.trainer.constants import constants
+
+    backend = client.backend
+    pods = backend.core_api.list_namespaced_pod(
+        backend.namespace,
+        label_selector=f"{constants.JOBSET_NAME_LABEL}={name},{constants.JOBSET_RJOB_NAME_LABEL}={NODE}",
+    )
+    return [node_pod(p) for p in pods.items]
+
+
+def _scheduled(tj, pods: Optional[list[NodePod]]) -> bool:
     from kubeflow.trainer.constants import constants
 
     if tj.status in (constants.TRAINJOB_RUNNING, constants.TRAINJOB_COMPLETE, constants.TRAINJOB_FAILED):
         return True
+    if pods is not None:  # Kubernetes: a bound pod that pulls its image is scheduled
+        return len(pods) >= tj.num_nodes and all(p.scheduled for p in pods)
     nodes = [s for s in tj.steps if s.name.startswith(NODE)]
     return bool(nodes) and all(s.status not in (None, "Pending", "Created", "Unknown") for s in nodes)
 
 
 def wait(client, name: str, cluster: Cluster, clock: Callable[[], float] = time.monotonic) -> None:
-    """Until the TrainJob is Complete; TrainJobError when it fails or stays unscheduled too long."""
+    """Until the TrainJob is Complete; TrainJobError when it fails, when a node cannot pull its image,
+    or when its nodes stay unscheduled too long (pulling the image is not waiting to be scheduled:
+    a large image's first pull may take longer than the scheduling timeout)."""
     from kubeflow.trainer.constants import constants
 
     created = clock()
@@ -469,14 +532,24 @@ def wait(client, name: str, cluster: Cluster, clock: Callable[[], float] = time.
             return
         if tj.status == constants.TRAINJOB_FAILED:
             raise TrainJobError(f"TrainJob {name} failed:\n{failure_detail(client, name)}")
-        if not scheduled:
-            scheduled = _scheduled(tj)
-            if not scheduled and clock() - created > cluster.schedule_timeout_s:
-                raise TrainJobError(
-                    f"TrainJob {name}: {cluster.nodes} node(s) not all scheduled after "
-                    f"{cluster.schedule_timeout_s} s (each asks for {_resources(cluster)}):\n"
-                    f"{failure_detail(client, name)}"
-                )
+        if tj.status != constants.TRAINJOB_RUNNING:
+            pods = _node_pods(client, name)
+            for pod in pods or []:
+                if pod.pull_error:
+                    raise TrainJobError(
+                        f"TrainJob {name}: node pod {pod.name} cannot pull its image: {pod.pull_error}\n"
+                        f"{failure_detail(client, name)}"
+                    )
+            if not scheduled:
+                scheduled = _scheduled(tj, pods)
+                if scheduled:
+                    log.info("TrainJob %s: every node is scheduled (pulling the image or starting)", name)
+                elif clock() - created > cluster.schedule_timeout_s:
+                    raise TrainJobError(
+                        f"TrainJob {name}: {cluster.nodes} node(s) not all scheduled after "
+                        f"{cluster.schedule_timeout_s} s (each asks for {_resources(cluster)}):\n"
+                        f"{failure_detail(client, name)}"
+                    )
         time.sleep(cluster.poll_s)
 
 

@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from cascade_rcnn import storage
-    from cascade_rcnn.accel import AcceleratorError, accelerator_from_cfg
-    from cascade_rcnn.checkpoint import CheckpointError
+    from cascade_rcnn.accel import accelerator_from_cfg
     from cascade_rcnn.comm import DistInfo, destroy_process_group, init_process_group
+    from cascade_rcnn.config import ConfigError
     from cascade_rcnn.evaluation.evaluate import evaluate_checkpoint
     from cascade_rcnn.evaluation.report import format_table
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         output = args.output
         if output is None:
             if not cfg.OUTPUT_DIR:
-                raise ValueError("no --output and the config's OUTPUT_DIR is empty")
+                raise ConfigError("no --output and the config's OUTPUT_DIR is empty")
             output = storage.join(cfg.OUTPUT_DIR, "inference")  # where detectron2's evaluators write
         info = DistInfo.from_env()
         if info.world_size > 1:
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(metrics))
         return 0
 
-    # Config, data, checkpoint and storage errors carry messages that name the file or key.
-    errors = (OSError, ValueError, AcceleratorError, CheckpointError, storage.StorageError)
-    return run_with_config(PROG, args, evaluate, errors, error_status=1)
+    return run_with_config(PROG, args, evaluate)
 
 
 if __name__ == "__main__":

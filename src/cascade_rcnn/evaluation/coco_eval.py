@@ -2,6 +2,7 @@
 
 Metrics follow detectron2's COCOEvaluator: AP, AP50, AP75, APs, APm, APl and one ``AP-<class>`` per
 category, scaled by 100, NaN where COCOeval has nothing to average (e.g. no ground truth of that size).
+`coco_evaluation` also returns the precision/recall curves behind them (`pr_curves`).
 
 Empty results are evaluated as a result set with no detections (all images, no annotations), so a
 model that finds nothing scores 0 wherever ground truth exists and NaN elsewhere. detectron2 instead
@@ -19,6 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 IOU_TYPES = ("bbox", "segm")
 # Order matches COCOeval's summary (stats[0:6]) and detectron2's tables.
 AP_FAMILY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+PR_IOUS = (0.5, 0.75)  # the IoU thresholds whose precision/recall curves the reports draw
 
 
 def _category_lookup(contiguous_to_dataset_id: Mapping[int, int] | Sequence[int]) -> dict[int, int]:
@@ -210,6 +213,42 @@ def _summarize(precision: np.ndarray, params, cat_names: list[str]) -> dict[str,
     return out
 
 
+def pr_curves(precision: np.ndarray, params, cat_names: list[str]) -> dict:
+    """Precision/recall curves from COCOeval's accumulated precision [T,R,K,A,M] (area "all", the
+    largest maxDets): the interpolated precision at each of COCOeval's recall thresholds, at IoU 0.50
+    and 0.75, averaged over the categories that have ground truth ("mean": averaging it over recall
+    gives AP50 / AP75) and per category (None: no ground truth).
+
+    -> {"recall": [R], "iou": {"0.50": {"mean": [R] | None, "classes": {name: [R] | None}}, "0.75": ...}}
+    """
+    max_det = len(params.maxDets) - 1
+    area = list(params.areaRngLbl).index("all")
+    thresholds = np.asarray(params.iouThrs)
+    out: dict[str, Any] = {"recall": [round(float(r), 4) for r in params.recThrs], "iou": {}}
+    for iou in PR_IOUS:
+        t = int(np.argmin(np.abs(thresholds - iou)))
+        curves = precision[t, :, :, area, max_det]  # [R, K]
+        valid = (curves > -1).all(axis=0)  # a category without ground truth is -1 throughout
+        classes = {
+            name: [round(float(v), 4) for v in curves[:, k]] if valid[k] else None
+            for k, name in enumerate(cat_names)
+        }
+        mean = curves[:, valid].mean(axis=1) if valid.any() else None
+        out["iou"][f"{iou:.2f}"] = {
+            "mean": None if mean is None else [round(float(v), 4) for v in mean],
+            "classes": classes,
+        }
+    return out
+
+
+@dataclass
+class CocoEvaluation:
+    """evaluate_coco's metrics and, per task, the precision/recall curves behind them (pr_curves)."""
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    curves: dict[str, dict] = field(default_factory=dict)
+
+
 def evaluate_coco(
     gt_json: str | os.PathLike | Mapping,
     results: Sequence[Mapping[str, Any]],
@@ -217,12 +256,25 @@ def evaluate_coco(
     use_fast: bool = True,
     img_ids: Sequence[int] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """COCO AP of `results` against the ground truth in `gt_json` (local path or loaded dict).
+    """COCO AP of `results` against the ground truth in `gt_json` (local path or loaded dict); the
+    metrics of coco_evaluation, which documents the arguments."""
+    return coco_evaluation(gt_json, results, iou_types, use_fast, img_ids).metrics
+
+
+def coco_evaluation(
+    gt_json: str | os.PathLike | Mapping,
+    results: Sequence[Mapping[str, Any]],
+    iou_types: Sequence[str] = IOU_TYPES,
+    use_fast: bool = True,
+    img_ids: Sequence[int] | None = None,
+) -> CocoEvaluation:
+    """COCO AP of `results` against the ground truth in `gt_json` (local path or loaded dict), and
+    the precision/recall curves.
 
     results: COCO result dicts (image_id, category_id, score, bbox XYWH, segmentation RLE for segm).
     img_ids: evaluate only these images (e.g. when inference covered a subset); default all GT images.
-    Returns {iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<category name>", ...}}, ×100,
-    NaN where undefined. "segm" is skipped with a warning when no result has a segmentation.
+    metrics: {iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<category name>", ...}}, ×100,
+    NaN where undefined; curves: {iou_type: pr_curves(...)}. "segm" is skipped with a warning when no result has a segmentation.
     use_fast selects faster-coco-eval's C++ COCOeval; otherwise pycocotools' reference implementation.
     """
     for t in iou_types:
@@ -235,7 +287,7 @@ def evaluate_coco(
     coco_gt = _build_coco(coco_cls, gt)
     cat_names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
 
-    metrics: dict[str, dict[str, float]] = {}
+    out = CocoEvaluation()
     for iou_type in iou_types:
         if iou_type == "segm" and results and not all("segmentation" in r for r in results):
             logger.warning("results have no (or not all have) segmentation: skipping mask AP")
@@ -250,8 +302,9 @@ def evaluate_coco(
             logger.warning("no predictions: every %s AP is 0 where ground truth exists", iou_type)
             dts = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
         precision, params = _run_cocoeval(coco_gt, dts, iou_type, use_fast, img_ids)
-        metrics[iou_type] = _summarize(precision, params, cat_names)
-    return metrics
+        out.metrics[iou_type] = _summarize(precision, params, cat_names)
+        out.curves[iou_type] = pr_curves(precision, params, cat_names)
+    return out
 
 
 def _nan_to_none(obj: Any) -> Any:

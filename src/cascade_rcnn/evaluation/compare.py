@@ -1,7 +1,8 @@
 """Champion versus challenger: the Markdown and HTML views of a promotion decision.
 
 Both take evaluate_coco's metrics ({"bbox"|"segm": {"AP", ..., "AP-<class>"}}, ×100) of each model
-on the same evaluation data; the champion's may be None (the first model).
+on the same evaluation data; the champion's may be None (the first model). The HTML view also draws
+each model's AP over its training (`APHistory`), where its training run evaluated (TEST.EVAL_PERIOD).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,58 @@ class ComparisonExample:
     caption: str = ""
 
 
+@dataclass
+class APHistory:
+    """One model's AP during its training run: series as engine.curves.eval_series gives them
+    ({"[split/]bbox": {"AP": (iterations, values)}}), and the run's last iteration."""
+
+    series: Mapping[str, Mapping[str, tuple[Sequence[int], Sequence[float | None]]]] = field(
+        default_factory=dict
+    )
+    last_iteration: int | None = None
+
+
+def _task_series(history: APHistory, task: str) -> tuple[Sequence[int], Sequence[float | None]]:
+    for prefix in sorted(history.series):  # the first validation split when there are several
+        if prefix == task or prefix.endswith("/" + task):
+            return history.series[prefix].get("AP", ([], []))
+    return [], []
+
+
+def ap_history_figure(
+    history: Mapping[str, APHistory], final: Mapping[str, Metrics | None], tasks: Sequence[str]
+):
+    """Per task, each model's AP at its training run's evaluations (lines) and in this comparison
+    (a star at its last iteration)."""
+    from cascade_rcnn.figures import LINE_COLORS, new_figure
+
+    fig, axes = new_figure(1, len(tasks))
+    for ax, task in zip(axes.flat, tasks):
+        for i, who in enumerate(("champion", "challenger")):
+            h = history.get(who)
+            if h is None:
+                continue
+            color = LINE_COLORS[i]
+            xs, ys = _task_series(h, task)
+            if xs:
+                values = [math.nan if y is None else y for y in ys]
+                ax.plot(xs, values, color=color, marker="o", markersize=3.5, linewidth=1.3,
+                        label=f"{who}, during training")  # fmt: skip
+            v = _value(final.get(who), task, "AP")
+            if h.last_iteration is not None and not math.isnan(v):
+                ax.plot([h.last_iteration], [v], color=color, marker="*", markersize=11, linestyle="none",
+                        label=f"{who}, this comparison")  # fmt: skip
+        ax.set_title(f"{TASK_NAMES.get(task, task)} AP", fontsize=10)
+        ax.set_xlabel("iteration of the model's own training run", fontsize=8)
+        ax.set_ylabel("AP (×100)", fontsize=8)
+        ax.legend(fontsize=7, frameon=False)
+    return fig
+
+
+def _history_known(history: Mapping[str, APHistory] | None, tasks: Sequence[str]) -> bool:
+    return bool(history) and any(_task_series(h, t)[0] for h in history.values() for t in tasks)
+
+
 def comparison_html(
     challenger: Metrics,
     champion: Metrics | None,
@@ -118,8 +171,10 @@ def comparison_html(
     reason: str,
     details: Mapping[str, Any] | None = None,
     score_threshold: float = 0.5,
+    history: Mapping[str, APHistory] | None = None,
 ) -> str:
-    """Standalone HTML: the decision, the AP tables with deltas, and each example image twice
+    """Standalone HTML: the decision, the AP tables with deltas, both models' AP over their training
+    (`history`: {"champion"|"challenger": APHistory}, where known), and each example image twice
     (champion left, challenger right) with the predictions drawn."""
     parts = html_page_start("Champion vs challenger")
     parts.append(f"<p><strong>{html.escape(_headline(decision, reason))}</strong></p>")
@@ -129,6 +184,22 @@ def comparison_html(
     parts += ["<h2>AP (COCO, IoU 0.50:0.95, &times;100)</h2>", _html_table(head, rows)]
     if cat_rows:
         parts += ["<h2>Per-category AP</h2>", _html_table(cat_head, cat_rows)]
+    tasks = [t for t in ("bbox", "segm") if t in challenger or (champion and t in champion)]
+    parts.append("<h2>AP over training</h2>")
+    if _history_known(history, tasks):
+        from cascade_rcnn.figures import figure_html
+
+        fig = ap_history_figure(history or {}, {"champion": champion, "challenger": challenger}, tasks)
+        parts.append(figure_html(fig, "champion and challenger AP at each evaluation of their training"))
+        parts.append(
+            "<p><small>Lines: each model's evaluations during its own training run (its validation "
+            "split, TEST.EVAL_PERIOD); stars: this comparison's evaluation.</small></p>"
+        )
+    else:
+        parts.append(
+            "<p>Not known: neither model was evaluated during its training (TEST.EVAL_PERIOD 0), or its "
+            "training run's metrics.jsonl is gone.</p>"
+        )
     if examples:
         parts.append(f"<h2>Examples (score &ge; {score_threshold:g}): champion | challenger</h2>")
     for ex in examples:

@@ -3,8 +3,10 @@
 Files written (by rank 0) under `output` (a local path, file:// or s3:// prefix):
 - coco_instances_results.json: the raw detections in COCO results format;
 - metrics.json: {"bbox": {...}, "segm": {...}} (×100; NaN stored as null);
-- report.md and report.html (when report=True): the tables, and for HTML a few example images with
-  their predictions drawn (the images as inference read them, kept in memory for the few examples).
+- pr_curves.json: {"bbox": coco_eval.pr_curves(...), "segm": ...}, the precision/recall curves at IoU
+  0.50 and 0.75, over all categories and per category;
+- report.md and report.html (when report=True): the tables, and for HTML the precision/recall curves
+  and a few example images with their predictions drawn (the images as inference read them, kept in memory for the few examples).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import pycocotools.mask as mask_util
 import torch
 
 from cascade_rcnn.comm import rank_and_world_size
+from cascade_rcnn.config import ConfigError
 from cascade_rcnn.data.mapper import DatasetMapper
-from cascade_rcnn.evaluation.coco_eval import detections_to_coco_json, evaluate_coco, save_json
+from cascade_rcnn.evaluation.coco_eval import coco_evaluation, detections_to_coco_json, save_json
 from cascade_rcnn.evaluation.inference import inference_on_dataset
 from cascade_rcnn.evaluation.report import ReportExample, format_table, html_report, markdown_report
 from cascade_rcnn.storage import local_path
@@ -32,6 +35,7 @@ RESULTS_JSON = "coco_instances_results.json"
 METRICS_JSON = "metrics.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+PR_CURVES_JSON = "pr_curves.json"
 
 
 def load_model(
@@ -180,7 +184,7 @@ def prepare_split(data: str, split: str, max_images: int | None = None) -> EvalS
     from cascade_rcnn.data.splits import resolve_dataset
 
     if max_images is not None and max_images <= 0:
-        raise ValueError(f"max_images must be positive, got {max_images}")
+        raise ConfigError(f"max_images must be positive, got {max_images}")
     annotations_uri, image_root = resolve_dataset(data, split)
     gt = read_json(annotations_uri)
     records, meta = load_coco_json(annotations_uri, image_root, dataset_name=split, data=gt)
@@ -189,6 +193,18 @@ def prepare_split(data: str, split: str, max_images: int | None = None) -> EvalS
     return EvalSplit(
         split, data, annotations_uri, records, meta, gt if rank_and_world_size()[0] == 0 else None
     )
+
+
+@dataclass
+class ModelEvaluation:
+    """What evaluate_model found, on rank 0 (empty on the other ranks).
+
+    metrics: {"bbox"|"segm": {"AP", ..., "AP-<class>"}} (×100); predictions: per image, with COCO-JSON
+    "instances" (and "image" for the kept ones); curves: {"bbox"|"segm": coco_eval.pr_curves(...)}."""
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    predictions: list[dict] = field(default_factory=list)
+    curves: dict[str, dict] = field(default_factory=dict)
 
 
 def evaluate_model(
@@ -200,12 +216,12 @@ def evaluate_model(
     use_fast: bool = True,
     progress: bool = True,
     keep_images: int = 0,
-) -> tuple[dict[str, dict[str, float]], list[dict]]:
+) -> ModelEvaluation:
     """COCO box (and mask, with MODEL.MASK_ON) AP of `model` as it is, on `split`.
 
     Every rank of an initialised process group runs its shard of the split (collective: all ranks
-    must call it); the predictions are gathered to rank 0, which computes the metrics. Returns
-    (metrics, predictions with COCO-JSON instances) on rank 0 and ({}, []) on the others. The model
+    must call it); the predictions are gathered to rank 0, which computes the metrics. Returns the
+    metrics, the predictions and the precision/recall curves on rank 0, nothing on the others. The model
     is put in eval mode for the inference and back in its previous mode afterwards.
     keep_images: rank 0 keeps (RGB, original size) the first N of its images that have detections, as
     "image" in their predictions, for the report's examples; the others are not held.
@@ -231,20 +247,20 @@ def evaluate_model(
 
     predictions = inference_on_dataset(model, loader, device=device, postprocess=to_coco, progress=progress)
     if rank != 0:
-        return {}, []
+        return ModelEvaluation()
     for pred in predictions:
         if pred["image_id"] in kept:
             pred["image"] = kept[pred["image_id"]]
     results = [r for pred in predictions for r in pred["instances"]]
     iou_types = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-    metrics = evaluate_coco(
+    found = coco_evaluation(
         split.ground_truth(),
         results,
         iou_types=iou_types,
         use_fast=use_fast,
         img_ids=[r["image_id"] for r in split.records],
     )
-    return metrics, predictions
+    return ModelEvaluation(found.metrics, predictions, found.curves)
 
 
 def write_results(
@@ -258,14 +274,18 @@ def write_results(
     num_examples: int = 6,
     report_md_to: str | None = None,
     report_html_to: str | None = None,
+    curves: Mapping[str, dict] | None = None,
 ) -> None:
     """The files of the module docstring under `output` (rank 0); with `report`, report.md and
-    report.html also go to the local files report_md_to / report_html_to when given."""
+    report.html also go to the local files report_md_to / report_html_to when given. curves:
+    evaluate_model's precision/recall curves (pr_curves.json and the report's figures)."""
     from cascade_rcnn import storage
 
     results = [r for pred in predictions for r in pred["instances"]]
     save_json(results, storage.join(output, RESULTS_JSON))
     save_json(dict(metrics), storage.join(output, METRICS_JSON))
+    if curves:
+        save_json(dict(curves), storage.join(output, PR_CURVES_JSON))
     if report:
         details = {
             "weights": weights,
@@ -277,7 +297,7 @@ def write_results(
         examples = _examples(predictions, split.meta, num_examples)
         for text, name, local in (
             (markdown_report(metrics, details=details), REPORT_MD, report_md_to),
-            (html_report(metrics, examples, details=details), REPORT_HTML, report_html_to),
+            (html_report(metrics, examples, details=details, curves=curves), REPORT_HTML, report_html_to),
         ):
             storage.put_bytes(text.encode(), storage.join(output, name))
             if local:
@@ -324,9 +344,9 @@ def evaluate_checkpoint(
         cfg.merge_from_list(list(opts))
     weights = weights or cfg.MODEL.WEIGHTS
     if not weights:
-        raise ValueError("no weights: pass --weights or set MODEL.WEIGHTS in the config")
+        raise ConfigError("no weights: pass --weights or set MODEL.WEIGHTS in the config")
     if max_images is not None and max_images <= 0:
-        raise ValueError(f"max_images must be positive, got {max_images}")
+        raise ConfigError(f"max_images must be positive, got {max_images}")
     rank, world_size = rank_and_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
     device = accelerator_from_cfg(cfg, local_rank).device
@@ -340,7 +360,7 @@ def evaluate_checkpoint(
         prepared.annotations_uri,
     )
     model = load_model(cfg, weights, device, thing_classes=prepared.meta.thing_classes)
-    metrics, predictions = evaluate_model(
+    found = evaluate_model(
         model,
         cfg,
         prepared,
@@ -348,6 +368,7 @@ def evaluate_checkpoint(
         use_fast=use_fast,
         keep_images=num_examples if output and report else 0,
     )
+    metrics = found.metrics
     if rank != 0:
         return {}
     logger.info("COCO evaluation of %s on %s:\n%s", weights, split, format_table(metrics))
@@ -355,12 +376,13 @@ def evaluate_checkpoint(
         write_results(
             output,
             metrics,
-            predictions,
+            found.predictions,
             prepared,
             weights=weights,
             report=report,
             num_examples=num_examples,
             report_md_to=report_md_to,
             report_html_to=report_html_to,
+            curves=found.curves,
         )
     return metrics

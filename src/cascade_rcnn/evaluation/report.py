@@ -1,5 +1,6 @@
 """Human- and pipeline-facing views of COCO metrics: a text table, Markdown, a standalone HTML report
-with example predictions drawn on their images, and the flat scalars of a KFP Metrics artifact.
+with the precision/recall curves and example predictions drawn on their images, and the flat scalars
+of a KFP Metrics artifact.
 
 `metrics` everywhere is evaluate_coco's output: {"bbox"|"segm": {"AP", ..., "AP-<class>"}}, ×100.
 """
@@ -18,21 +19,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cascade_rcnn.evaluation.coco_eval import AP_FAMILY
+from cascade_rcnn.figures import PALETTE
 
 TASK_NAMES = {"bbox": "box", "segm": "mask"}
-# Distinct, colour-blind-friendly hues (Okabe-Ito, then tab10 extras), cycled by class.
-PALETTE = (
-    (230, 159, 0),
-    (86, 180, 233),
-    (0, 158, 115),
-    (240, 228, 66),
-    (0, 114, 178),
-    (213, 94, 0),
-    (204, 121, 167),
-    (148, 103, 189),
-    (140, 86, 75),
-    (188, 189, 34),
-)
 
 
 def _fmt(v: float, missing: str) -> str:
@@ -218,6 +207,8 @@ th:first-child, td:first-child { text-align: left; }
 thead { background: #f3f3f3; }
 figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
 figcaption { font-size: 0.85em; color: #555; }
+figure.plot { display: block; margin: 0 0 1.5em; }
+figure.plot img { max-width: 100%; height: auto; }
 .details td { text-align: left; }
 """
 
@@ -240,15 +231,83 @@ def html_details_table(details: Mapping[str, Any]) -> str:
     return table.replace("<table>", '<table class="details">', 1)
 
 
+WORST_CLASSES = 5  # per task, the classes whose precision/recall curves the report draws
+
+
+def worst_classes(values: Mapping[str, float], n: int = WORST_CLASSES) -> list[str]:
+    """The n categories with the lowest AP (AP-<name>, NaN left out), lowest first."""
+    aps = [(float(v), k[3:]) for k, v in values.items() if k.startswith("AP-") and v is not None]
+    return [name for ap, name in sorted(a for a in aps if math.isfinite(a[0]))[:n]]
+
+
+def _curve_ap(curve: Sequence[float]) -> float:
+    return 100.0 * float(np.mean(curve))  # COCO's AP at one IoU: mean precision over the recall points
+
+
+def pr_figure(curves: Mapping[str, Any], values: Mapping[str, float], task: str):
+    """One task's precision/recall curves (coco_eval.pr_curves): every category's mean at IoU 0.50
+    and 0.75, then each of the worst classes alone."""
+    from cascade_rcnn.figures import line_panel, new_figure, note_panel
+
+    recall = curves["recall"]
+    ious = sorted(curves["iou"])
+    worst = [c for c in worst_classes(values) if curves["iou"][ious[0]]["classes"].get(c) is not None]
+    n = 1 + len(worst)
+    cols = n if n <= 4 else 3
+    fig, axes = new_figure(math.ceil(n / cols), cols, panel_width=3.6, panel_height=3.0)
+    styles = [{"linestyle": "-"}, {"linestyle": "--"}]
+    panels = list(axes.flat)
+
+    def draw(ax, get, title: str) -> None:
+        series = []
+        for iou in ious:
+            curve = get(curves["iou"][iou])
+            if curve is not None:
+                series.append((f"IoU {iou} (AP {_curve_ap(curve):.1f})", recall, curve))
+        if not series:
+            note_panel(ax, "no ground truth", title)
+            return
+        line_panel(ax, series, title=title, xlabel="recall", ylabel="precision", styles=styles[: len(series)])
+        ax.legend(fontsize=7, frameon=False, loc="lower left")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.05)
+
+    draw(panels[0], lambda c: c["mean"], f"{TASK_NAMES.get(task, task)}: all classes")
+    for ax, name in zip(panels[1:], worst):
+        draw(ax, lambda c, name=name: c["classes"].get(name), f"{name} (AP {values[f'AP-{name}']:.1f})")
+    for ax in panels[1 + len(worst) :]:
+        ax.set_axis_off()
+    return fig
+
+
+def pr_section(metrics: Mapping[str, Mapping[str, float]], curves: Mapping[str, Any]) -> list[str]:
+    """The report's precision/recall part: one figure per task."""
+    from cascade_rcnn.figures import figure_html
+
+    parts = [
+        "<h2>Precision/recall</h2>",
+        "<p>COCOeval's interpolated precision at its 101 recall points (all object sizes, up to 100 "
+        f"detections per image), over all classes and for the {WORST_CLASSES} classes with the lowest "
+        "AP; solid IoU 0.50, dashed IoU 0.75.</p>",
+    ]
+    for task in curves:
+        name = TASK_NAMES.get(task, task)
+        fig = pr_figure(curves[task], metrics.get(task, {}), task)
+        parts.append(figure_html(fig, f"{name} precision/recall curves at IoU 0.50 and 0.75"))
+    return parts
+
+
 def html_report(
     metrics: Mapping[str, Mapping[str, float]],
     examples: Sequence[ReportExample | tuple] = (),
     title: str = "COCO evaluation",
     details: Mapping[str, Any] | None = None,
     score_threshold: float = 0.5,
+    curves: Mapping[str, Any] | None = None,
 ) -> str:
-    """Standalone HTML (no external files): details, the metric tables and example images with the
-    predicted boxes, labels and masks drawn on them, embedded as base64 PNG.
+    """Standalone HTML (no external files): details, the metric tables, the precision/recall curves
+    (`curves`: coco_eval.pr_curves per task) and example images with the predicted boxes, labels and
+    masks drawn on them, embedded as base64 PNG.
 
     examples: ReportExample or (image RGB (H,W,3) uint8, Detections, class names[, caption]) tuples.
     """
@@ -262,6 +321,8 @@ def html_report(
         parts.append("<p><small>n/a: nothing to average (no ground truth of that size or class).</small></p>")
     else:
         parts.append("<p>No metrics.</p>")
+    if curves:
+        parts += pr_section(metrics, curves)
     if examples:
         parts.append(f"<h2>Example predictions (score &ge; {score_threshold:g})</h2>")
     for ex in examples:

@@ -16,12 +16,11 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cascade_rcnn import storage
+from cascade_rcnn import errors, storage
 from cascade_rcnn.ingest.errors import IngestError
 from cascade_rcnn.ingest.manifest import (
     MANIFEST_NAME,
@@ -332,11 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="ingest again even if the manifest matches")
     parser.add_argument("--workers", type=int, default=16)
+    errors.add_debug_option(parser)
     args = parser.parse_args(argv)
     from cascade_rcnn.logs import setup_logging
 
     setup_logging()
-    try:
+
+    def ingest() -> int:
         result = ingest_coco(
             args.source,
             args.root,
@@ -351,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             strict=args.strict,
         )
-    except (IngestError, storage.StorageError) as e:
-        print(f"cascade-rcnn ingest: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(asdict(result), indent=1))
-    return 0
+        print(json.dumps(asdict(result), indent=1))
+        return 0
+
+    return errors.run_command("cascade-rcnn ingest", ingest, args.debug)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cascade_rcnn.errors import CascadeRCNNError
 
-class IngestError(RuntimeError):
+
+class IngestError(CascadeRCNNError, RuntimeError):
     """A data set could not be fetched, unpacked, validated or stored; the message names the file."""

@@ -18,7 +18,6 @@ The tensor-op versions have static shapes and no host sync once ``max_samples`` 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Iterator, Sequence
 from typing import Optional
@@ -32,7 +31,10 @@ _TORCHVISION_DEVICES = ("cpu", "cuda")
 _GATHER_CHUNK_ELEMENTS = 1 << 25
 
 
-_dispatch_as: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("dispatch_as", default=None)
+# A plain module global, not a ContextVar: select_impl runs inside compiled regions, and torch 2.5's
+# Dynamo cannot trace ContextVar.get() (it guards on a global's value, so a change recompiles).
+# Process-wide, which suits its one use: emulating another device's choice in tests and benchmarks.
+_dispatch_as: Optional[str] = None
 
 
 def select_impl(device_type: str, impl: str = "auto") -> str:
@@ -41,18 +43,19 @@ def select_impl(device_type: str, impl: str = "auto") -> str:
         raise ValueError(f"impl {impl!r} is not one of {IMPLS}")
     if impl != "auto":
         return impl
-    device_type = _dispatch_as.get() or device_type
+    device_type = _dispatch_as or device_type
     return "torchvision" if device_type in _TORCHVISION_DEVICES else "tensor"
 
 
 @contextlib.contextmanager
 def dispatch_as(device_type: str) -> Iterator[None]:
     """Choose implementations as if every tensor were on `device_type` (runs the npu path on CPU)."""
-    token = _dispatch_as.set(device_type)
+    global _dispatch_as
+    previous, _dispatch_as = _dispatch_as, device_type
     try:
         yield
     finally:
-        _dispatch_as.reset(token)
+        _dispatch_as = previous
 
 
 # ---- RoIAlign -------------------------------------------------------------------------------------

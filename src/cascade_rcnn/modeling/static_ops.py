@@ -8,6 +8,8 @@ custom op. Other devices (npu) get ops.py's pure tensor versions, which reach no
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, roi_align
@@ -25,12 +27,14 @@ def _nhwc_strides(c: int, h: int, w: int) -> tuple[int, int, int, int]:
     return (h * w * c, 1, w * c, c)
 
 
+# typing.List, not list[...], in the custom-op signatures: torch 2.5's infer_schema accepts only
+# typing.List / Sequence (builtin generics came later).
 @torch.library.custom_op("cascade_rcnn::cpu_multilevel_roi_align", mutates_args=())
 def _cpu_multilevel_roi_align(
-    features: list[Tensor],
+    features: List[Tensor],
     rois: Tensor,
     levels: Tensor,
-    scales: list[float],
+    scales: List[float],
     pooled_h: int,
     pooled_w: int,
     sampling_ratio: int,
@@ -62,11 +66,11 @@ def _cpu_multilevel_roi_align_backward(
     grad: Tensor,
     rois: Tensor,
     levels: Tensor,
-    scales: list[float],
+    scales: List[float],
     sampling_ratio: int,
     aligned: bool,
-    shapes: list[int],
-) -> list[Tensor]:
+    shapes: List[int],
+) -> List[Tensor]:
     """Each level's input gradient (NHWC-strided) by poolers.roi_align_backward_cpu; shapes holds
     (N, C, H, W) per level, flattened."""
     grads = []

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
+from cascade_rcnn.errors import CascadeRCNNError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 SHA256_METADATA = "sha256"  # stored by S3 as the header x-amz-meta-sha256
@@ -14,7 +16,7 @@ IO_CHUNK = 1024 * 1024
 _HASH_BLOCK = 8 << 20  # hashlib releases the GIL on large blocks, so threads hash in parallel
 
 
-class StorageError(Exception):
+class StorageError(CascadeRCNNError):
     """A storage operation failed; the message names the URI (bucket/key) and the endpoint."""
 
 

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping, MutableMapping, NoReturn, Optional, Tuple
 
+from . import secret_files
 from .base import (
     SHA256_METADATA,
     ChecksumMismatch,
@@ -84,6 +85,7 @@ def _tree_prefix(key: str) -> str:
 
 
 def resolve_endpoint(endpoint_url: Optional[str]) -> Optional[str]:
+    secret_files.load_env()  # a pipeline step's S3 Secret, mounted as files
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
@@ -99,6 +101,7 @@ _known_buckets: set = set()
 def client(endpoint: Optional[str], pool: int = 64) -> Any:
     """A botocore S3 client shared by all threads (clients are thread-safe; sessions are not), one per
     endpoint, credential environment and pool size."""
+    secret_files.load_env()
     pool = max(pool, 64)
     env = tuple(
         os.environ.get(k)
