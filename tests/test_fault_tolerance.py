@@ -255,7 +255,7 @@ def test_sigterm_at_a_random_moment_then_the_same_command(shapes24, tmp_path, re
     The same command resumes from that iteration and ends with the undisturbed run's weights."""
     out = str(tmp_path / "out")
     cmd = cli("train", shapes24, out, RECIPE, "--nproc-per-node", "2")
-    delay = random.Random(os.urandom(8)).uniform(0.0, 6.0)
+    delay = random.Random(os.urandom(8)).uniform(0.0, 3.0)  # 10 iterations take 5-10 s here
     proc = start(cmd, tmp_path / "stopped.txt")
     wait_for_line(proc, tmp_path / "stopped.txt", "starting training at iteration 0")
     time.sleep(delay)

@@ -19,13 +19,16 @@ import signal
 import threading
 from typing import Optional
 
+from ..errors import CascadeRCNNError
+
 log = logging.getLogger(__name__)
 
 EXIT_CODE = 128 + signal.SIGTERM  # what a process killed by SIGTERM reports; a retry resumes
 
 
-class TrainingInterrupted(RuntimeError):
-    """Training stopped on SIGTERM after a checkpoint of its last finished iteration was stored."""
+class TrainingInterrupted(CascadeRCNNError):
+    """Training stopped on SIGTERM after a checkpoint of its last finished iteration was stored (a
+    command reports it as one line and exits with EXIT_CODE, not as an error)."""
 
     def __init__(self, message: str, iteration: int = -1, checkpoint: str = ""):
         super().__init__(message)
