@@ -68,6 +68,13 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--retries", type=int, default=d.train_retries, help="retries of the training steps")
     g.add_argument(
+        "--termination-grace-seconds",
+        type=int,
+        default=d.termination_grace_s,
+        help="SIGTERM to SIGKILL for the training pods: time to checkpoint the last iteration on "
+        f"preemption; TrainJob nodes only, KFP cannot set it on a step (default: {d.termination_grace_s})",
+    )
+    g.add_argument(
         "--cpu", default=d.cpu_request, help=f"CPU request of the training steps (default: {d.cpu_request})"
     )
     g.add_argument("--memory", default=d.memory_request, help=f"memory request (default: {d.memory_request})")
@@ -89,6 +96,10 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         raise ParameterError(f"--retries {args.retries}: must be 0 or more")
     if args.timeout_hours <= 0:
         raise ParameterError(f"--timeout-hours {args.timeout_hours}: must be positive")
+    if args.termination_grace_seconds < 0:
+        raise ParameterError(
+            f"--termination-grace-seconds {args.termination_grace_seconds}: must be 0 or more"
+        )
     secret_keys = dict(d.secret_keys)
     for env, key in args.secret_key or []:
         if env not in secret_keys:
@@ -105,6 +116,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         shm_size=args.shm_size,
         train_timeout_s=round(args.timeout_hours * 3600),
         train_retries=args.retries,
+        termination_grace_s=args.termination_grace_seconds,
         cpu_request=args.cpu,
         memory_request=args.memory,
         memory_limit=args.memory_limit,

@@ -7,7 +7,8 @@ Two kinds of settings:
   (16 images per NPU = 128 per step, base LR 0.2, 22500 iterations, LR steps at 15000 and 20000,
   AMP);
 - compile options (`CompileOptions`, pipelines/tasks.py: fixed in the compiled YAML): images, node
-  selector, toleration, /dev/shm size, timeout, retries, CPU/memory, the S3 Secret's key names.
+  selector, toleration, /dev/shm size, timeout, retries, termination grace period, CPU/memory, the S3
+  Secret's key names.
 
 `accelerator_type` and `accelerator_count` are STRING run parameters: the KFP backend fills a pod's
 resources only from those (pipelines/tasks.py has the backend rules the package follows).

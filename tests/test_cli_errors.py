@@ -234,7 +234,8 @@ def test_every_error_type_of_the_project_is_one_line():
 
     modules = [
         "cascade_rcnn.accel", "cascade_rcnn.checkpoint", "cascade_rcnn.config", "cascade_rcnn.data.coco",
-        "cascade_rcnn.data.image_io", "cascade_rcnn.engine.checkpointer", "cascade_rcnn.engine.launch",
+        "cascade_rcnn.data.image_io", "cascade_rcnn.engine.background", "cascade_rcnn.engine.checkpointer",
+        "cascade_rcnn.engine.launch", "cascade_rcnn.engine.preemption",
         "cascade_rcnn.engine.solver", "cascade_rcnn.engine.trainjob", "cascade_rcnn.ingest",
         "cascade_rcnn.ingest.download", "cascade_rcnn.ingest.validate", "cascade_rcnn.local_s3",
         "cascade_rcnn.predict", "cascade_rcnn.registry", "cascade_rcnn.storage", "cascade_rcnn.weight_sources",

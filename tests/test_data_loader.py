@@ -191,3 +191,90 @@ def test_reads_dataset_from_s3_through_the_cache(s3_env, shapes_root, tmp_path, 
     gone = [r for r in remote if r["image_id"] == 2]
     with pytest.raises(DataError, match=r"s3://.*/val2017_00002\.jpg \(image id=2\): cannot read image"):
         list(build_test_loader(cfg, gone, num_workers=2))
+
+
+_WORKER_SIGTERM = """
+import json, os, signal, sys, time
+from pathlib import Path
+from cascade_rcnn.config import get_cfg
+from cascade_rcnn.data.coco import load_coco_json
+from cascade_rcnn.data.loader import build_train_loader
+from cascade_rcnn.data.mapper import DatasetMapper
+
+root, flag = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+class Mapper(DatasetMapper):
+    def __call__(self, record, rng=None):
+        if flag.exists():  # stands for a read that waits out a storage outage
+            time.sleep(120)
+            (flag.parent / "finished").write_text("the wait ran to its end")
+        return super().__call__(record, rng)
+
+
+cfg = get_cfg()
+cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+cfg.INPUT.MAX_SIZE_TRAIN = 160
+records = load_coco_json(str(root / "annotations/instances_train2017.json"), str(root / "train2017"))[0]
+mapper = Mapper.from_config(cfg, is_train=True)
+loader = build_train_loader(cfg, records, batch_per_device=1, seed=0, num_workers=1, mapper=mapper)
+signal.signal(signal.SIGTERM, lambda *a: None)  # the trainer notes it (engine/preemption.py)
+it = iter(loader)
+next(it)
+
+
+def workers():
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+print(json.dumps(workers()), flush=True)
+sys.stdin.readline()  # the test has sent SIGTERM to the whole process group
+after = [next(it) for _ in range(4)]  # batches still come
+alive_after_sigterm = workers()
+flag.write_text("")
+next(it)  # hands the worker another item: it is now stuck in the mapper
+time.sleep(1)
+it.close()  # the DataLoader shuts down: join, then the trainer's own SIGTERM (no join after it)
+while workers() and not (flag.parent / "finished").exists():
+    time.sleep(0.05)
+print(json.dumps({"after": len(after), "alive": alive_after_sigterm, "left": workers()}), flush=True)
+"""
+
+
+def test_workers_ignore_a_group_sigterm_but_not_their_trainers(shapes_root, tmp_path):
+    """Preemption's SIGTERM reaches the whole process group: the loader's worker must live on while
+    the trainer finishes its iteration. The trainer's own SIGTERM (the DataLoader shutting a stuck
+    worker down) must still end it, even in the middle of a long read."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker_sigterm.py"
+    script.write_text(_WORKER_SIGTERM)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(shapes_root), str(tmp_path / "stuck")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    workers = json.loads(proc.stdout.readline())
+    assert len(workers) == 1
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    result = json.loads(proc.stdout.readline())
+    assert proc.wait() == 0
+    assert result["after"] == 4 and result["alive"] == workers  # the group's SIGTERM was ignored
+    assert result["left"] == []  # the trainer's ended it
+    assert not (tmp_path / "finished").exists()  # in the middle of its read

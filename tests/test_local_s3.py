@@ -40,6 +40,7 @@ def test_standalone_server_serves_and_cleans_up(tmp_path: Path, monkeypatch: pyt
     assert code == 0
     assert not data.exists()  # --remove deletes the data directory
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("CASCADE_RCNN_S3_RETRY_SECONDS", "0")  # a store that is gone, not restarting
     with pytest.raises(storage.StorageError, match=env["AWS_ENDPOINT_URL"]):
         storage.get_bytes("s3://demo/greeting.txt")
 

@@ -343,13 +343,15 @@ def test_download_refuses_keys_that_escape_the_target() -> None:
 
 @pytest.fixture
 def doomed_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A private SeaweedFS this test may kill and restart; two attempts per request keep failures quick."""
+    """A private SeaweedFS this test may kill and restart; two attempts per request and no outage
+    budget keep failures quick (test_storage_outage.py covers the budget)."""
     with start_seaweedfs(tmp_path / "doomed") as server:
         for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
             monkeypatch.delenv(name, raising=False)
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        monkeypatch.setenv("CASCADE_RCNN_S3_RETRY_SECONDS", "0")
         storage._client(server.endpoint_url).create_bucket(Bucket="doomed")
         yield server
 

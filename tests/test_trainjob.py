@@ -28,6 +28,7 @@ from cascade_rcnn.engine.trainjob import (
     Cluster,
     node_job,
     runtime_from_manifest,
+    runtime_patch,
     trainjob_manifest,
     trainjob_name,
 )
@@ -195,6 +196,52 @@ def test_two_node_trainjob_carries_the_secret_shm_and_placement_of_the_single_no
     assert all(r["name"] == "s3" for r in refs.values())
     assert not refs["AWS_SECRET_ACCESS_KEY"].get("optional") and refs["AWS_ENDPOINT_URL"]["optional"]
     assert not [e for e in container["env"] if "value" in e]  # credentials only by reference
+
+
+def test_two_node_trainjob_gives_its_nodes_the_termination_grace_period():
+    """Preemption: SIGTERM, then SIGKILL after the pod's grace period, in which the workers finish
+    their iteration and upload its checkpoint. torchrun's agent has its own SIGTERM-to-SIGKILL delay
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, pytorch/pytorch#172596), which must not cut that short."""
+    _, cluster, body = two_node_job()
+    grace = CompileOptions().termination_grace_s
+    assert cluster.termination_grace_s == grace >= 60
+    (patch,) = body["spec"]["runtimePatches"]
+    (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert rjob["template"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace
+    env = {e["name"]: e.get("value") for e in body["spec"]["trainer"]["env"]}
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(grace)
+    no_grace = Cluster(**{**cluster.__dict__, "termination_grace_s": 0})
+    assert "terminationGracePeriodSeconds" not in json.dumps(runtime_patch(no_grace))
+    with pytest.raises(ValueError, match="termination_grace_s"):
+        Cluster(**{**cluster.__dict__, "termination_grace_s": -1})
+
+
+def test_termination_grace_is_a_compile_option():
+    from pipelines.cli import build_parser, compile_options
+    from pipelines.params import ParameterError
+
+    args = build_parser().parse_args(["compile", "--termination-grace-seconds", "900"])
+    assert json.loads(compile_options(args).trainjob_settings())["termination_grace_s"] == 900
+    args = build_parser().parse_args(["compile", "--termination-grace-seconds", "-5"])
+    with pytest.raises(ParameterError, match="--termination-grace-seconds -5"):
+        compile_options(args)
+
+
+def test_kfp_cannot_set_a_steps_termination_grace_period():
+    """Why the in-pod training step has no grace period of ours: KFP builds a step's pod from its
+    KubernetesExecutorConfig (kubeflow/pipelines kubernetes_platform/proto/
+    kubernetes_executor_config.proto), and the driver's initPodSpecPatch / extendPodSpecPatch
+    (backend/src/v2/driver/driver.go, k8s.go) set no terminationGracePeriodSeconds; kfp-kubernetes
+    has no setter for it. The pod gets Kubernetes' 30 s unless the cluster sets more (Argo's
+    workflowDefaults podSpecPatch, docs/cluster.md). When this fails, KFP has learnt it: use it."""
+    from kfp.kubernetes import kubernetes_executor_config_pb2 as pb
+
+    fields = set(pb.KubernetesExecutorConfig.DESCRIPTOR.fields_by_name)
+    assert "active_deadline_seconds" in fields  # what set_timeout writes: the proto is the right one
+    assert not [f for f in fields if "grace" in f or "termination" in f], fields
+    import kfp.kubernetes
+
+    assert not [n for n in kfp.kubernetes.__all__ if "grace" in n.lower() or "termination" in n.lower()]
 
 
 def test_two_node_trainjob_round_trips_through_the_api_models():

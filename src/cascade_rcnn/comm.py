@@ -136,6 +136,32 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+_host_groups: dict = {}  # default group -> its gloo twin
+
+
+def _cpu_group():
+    """A gloo group over all ranks for flags the host decides (made on first use, by every rank at
+    the same point): a collective on the device's group would wait for the device's queued work,
+    which static mode's deferred metrics avoid."""
+    if dist.get_backend() == "gloo":
+        return None  # the default group already runs on the host
+    world = dist.group.WORLD
+    if world not in _host_groups:
+        _host_groups.clear()  # a group of an earlier, destroyed process group
+        _host_groups[world] = dist.new_group(backend="gloo")
+    return _host_groups[world]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (a collective; each rank calls it at
+    the same point of its loop, so all of them act on the same iteration)."""
+    if not is_distributed():
+        return bool(flag)
+    box = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return bool(box.item())
+
+
 def reduce_step_metrics(
     loss_values: dict[str, torch.Tensor], data_time: float, device: torch.device
 ) -> tuple[dict[str, float], float, list[dict[str, float]]]:

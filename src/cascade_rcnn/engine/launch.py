@@ -12,6 +12,14 @@ Process layout follows torchrun:
 
 A worker's expected error (cascade_rcnn.errors) reaches the command as one line that names the
 worker's rank, without the traceback (`_elastic_worker`, `WorkerError`).
+
+SIGTERM (preemption): every worker finishes its iteration, the workers checkpoint it together and
+exit with 143 (engine/preemption.py), and the step's retry resumes. torch's elastic agent would
+instead SIGKILL the workers 30 s after passing SIGTERM on (PContext.close(timeout=30); configurable
+only from the release with pytorch/pytorch#172596, TORCH_ELASTIC_SHUTDOWN_TIMEOUT), too soon for a
+large checkpoint's upload. It installs that handler only from the main thread (PContext.start), so
+`launch_elastic` runs the agent on another thread, and the main thread forwards SIGTERM to the
+workers and waits for them.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import uuid
 
 from .. import errors, storage
@@ -30,6 +40,7 @@ from ..errors import CascadeRCNNError
 from ..logs import setup_training_logging
 from .curves import write_training_curves
 from .metrics import last_eval
+from .preemption import EXIT_CODE, StopSignal, TrainingInterrupted
 from .run import TrainJob, run_worker, train_splits
 
 __all__ = ["TrainJob", "WorkerError", "run_training", "run_command"]
@@ -158,7 +169,7 @@ def launch_elastic(cfg, job: TrainJob, nproc_per_node: int) -> str | None:
     if quiet:
         agent_log.addFilter(quiet)
     try:
-        results = elastic_launch(config, _elastic_worker)(cfg, job)  # spawn pickles them
+        results = _run_agent(lambda: elastic_launch(config, _elastic_worker)(cfg, job))  # spawn pickles them
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
         message = failure.error_file_data.get(errors.ERROR_FILE_KEY)
@@ -177,12 +188,73 @@ AGENT_LOGGER = "torch.distributed.elastic.multiprocessing.api"
 
 
 class _HideExpectedExit(logging.Filter):
-    """Drops the agent's record of a worker that exited with EXIT_STATUS: it reported an expected
-    error, which the command prints as one line."""
+    """Drops the agent's record of a worker that exited with EXIT_STATUS (it reported an expected
+    error, which the command prints as one line) or with preemption.EXIT_CODE (it stopped on SIGTERM
+    after its checkpoint, and said so)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return getattr(exc, "exit_code", None) != errors.EXIT_STATUS
+        return getattr(exc, "exit_code", None) not in (errors.EXIT_STATUS, EXIT_CODE)
+
+
+def _child_pids() -> list[int]:
+    """This process's children (the agent's workers; multiprocessing's resource tracker ignores
+    SIGTERM), from /proc."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            found.append(int(entry))
+    return found
+
+
+def _run_agent(launch):
+    """launch() (the elastic agent) on a thread of its own, SIGTERM handled here: passed on to the
+    workers, which checkpoint and exit; their failure then comes back as TrainingInterrupted."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = launch()
+        except BaseException as exc:  # re-raised in the main thread
+            outcome["error"] = exc
+
+    stop = StopSignal()
+
+    def forward(signum: int, frame: object) -> None:
+        stop.handle(signum, frame)
+        for pid in _child_pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, forward)
+    agent = threading.Thread(target=run, name="elastic-agent", daemon=True)
+    agent.start()
+    try:
+        while agent.is_alive():
+            agent.join(0.5)  # wakes up for signal handlers
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    error = outcome.get("error")
+    if error is not None:
+        if stop:
+            raise TrainingInterrupted(
+                "stopped on request (SIGTERM): the workers checkpointed their last finished iteration "
+                "(see their log); the same command (the step's retry) resumes from it"
+            ) from None
+        raise error
+    return outcome.get("result")
 
 
 def _elastic_worker(cfg, job: TrainJob) -> str | None:
@@ -195,6 +267,8 @@ def _elastic_worker(cfg, job: TrainJob) -> str | None:
     multiprocessing/api.py, _wrap). With --debug the error propagates with its traceback."""
     try:
         return run_worker(cfg, job)
+    except TrainingInterrupted:
+        sys.exit(EXIT_CODE)  # run_worker said where it stopped; no traceback for a preemption
     except CascadeRCNNError as e:
         if errors.debug_requested():
             raise
@@ -271,7 +345,11 @@ def run_command(command: str, argv: list[str]) -> int:
         os.environ[errors.DEBUG_ENV] = "1"  # the workers' too
 
     def train() -> int:
-        record = run_training(job_from_args(command, args))
+        try:
+            record = run_training(job_from_args(command, args))
+        except TrainingInterrupted as e:
+            print(f"cascade-rcnn {command}: {e}", file=sys.stderr, flush=True)
+            return EXIT_CODE
         if record:
             print(f"final checkpoint: {record['checkpoint_uri']}")
         return 0

@@ -5,8 +5,9 @@ Evaluations during training (TEST.EVAL_PERIOD) add rows of their own to `metrics
 several validation splits each key starts with the split ("val2017/bbox/AP"). NaN is stored as null.
 
 Only rank 0 writes. For an s3:// output, `metrics.jsonl` and the event files are kept in a local
-staging folder and copied to the output when a checkpoint is written (`sync`), so they never run
-ahead of the state a resumed run starts from.
+staging folder and copied to the output when a checkpoint is written, so they never run ahead of
+the state a resumed run starts from: `snapshot` takes their bytes at the checkpoint, and the
+checkpoint's background write uploads them (`sync` does both at once).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .. import storage
 
@@ -189,19 +191,33 @@ class MetricsWriter:
             self._tb = SummaryWriter(log_dir=str(self.local_dir / TENSORBOARD_DIR))
         return self._tb
 
-    def sync(self) -> None:
-        """Copy metrics.jsonl and the event files to an s3:// output (no-op for a local output)."""
+    def snapshot(self) -> Callable[[], None] | None:
+        """metrics.jsonl and the event files as they are now, and the call that copies those bytes to
+        an s3:// output later (on the checkpoint's background thread, while training appends more).
+        None when there is nothing to copy (a local output, or not rank 0)."""
         if not (self.enabled and self.remote):
-            return
+            return None
         if self._tb is not None:
             self._tb.flush()
-        storage.put_file(str(self.jsonl_path), storage.join(self.output_uri, METRICS_FILE))
+        files = [(self.jsonl_path.read_bytes(), storage.join(self.output_uri, METRICS_FILE))]
         tb_dir = self.local_dir / TENSORBOARD_DIR
         if tb_dir.is_dir():
             for path in sorted(tb_dir.rglob("*")):
                 if path.is_file():
                     rel = path.relative_to(self.local_dir).as_posix()
-                    storage.put_file(str(path), storage.join(self.output_uri, rel))
+                    files.append((path.read_bytes(), storage.join(self.output_uri, rel)))
+
+        def upload() -> None:
+            for data, uri in files:
+                storage.put_bytes(data, uri)
+
+        return upload
+
+    def sync(self) -> None:
+        """Copy metrics.jsonl and the event files to an s3:// output now (no-op for a local output)."""
+        upload = self.snapshot()
+        if upload is not None:
+            upload()
 
     def close(self) -> None:
         self.sync()

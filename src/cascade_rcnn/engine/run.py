@@ -28,6 +28,7 @@ from ..logs import setup_training_logging
 from .checkpointer import FINAL, Checkpointer, restore_rng
 from .metrics import MetricsWriter, is_eval_row
 from .periodic_eval import TrainingEvaluator, eval_output, eval_splits
+from .preemption import StopSignal, TrainingInterrupted
 from .solver import build_grad_clipper, build_lr_scheduler, build_optimizer
 from .trainer import Trainer, training_state
 
@@ -175,8 +176,11 @@ def _matching_keys(model: nn.Module, patterns) -> list[str]:
     return [k for k in model.state_dict() if any(re.search(p, k) for p in patterns)]
 
 
-def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
-    """Train with this process's share of the batch; returns the final checkpoint URI on rank 0."""
+def train(
+    cfg, job: TrainJob, accel: Accelerator, info: DistInfo, stop: StopSignal | None = None
+) -> str | None:
+    """Train with this process's share of the batch; returns the final checkpoint URI on rank 0.
+    stop: the process's SIGTERM flag; the run then checkpoints and raises TrainingInterrupted."""
     from ..data.loader import build_train_loader
     from ..modeling import build_model
 
@@ -295,6 +299,7 @@ def train(cfg, job: TrainJob, accel: Accelerator, info: DistInfo) -> str | None:
             training_state, meta=meta, data_state=loader.state_dict, seed=seed, world_size=info.world_size
         ),
         defer_metrics=bool(cfg.MODEL.STATIC.ENABLED),
+        stop=stop.__bool__ if stop is not None else None,
     )
     if start_iter >= trainer.max_iter and resume_uri and resume_uri.endswith("/" + FINAL):
         log.info(
@@ -350,9 +355,15 @@ def run_worker(cfg, job: TrainJob) -> str | None:
     if accel.type == "cuda":
         torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
     init_process_group(info, accel)
+    stop = StopSignal().install()
     try:
-        final = train(cfg, job, accel, info)
+        final = train(cfg, job, accel, info, stop)
+    except TrainingInterrupted as e:
+        if info.world_size > 1:
+            log.warning("%s", e)  # every rank says where it stopped; a launcher reports one failure
+        raise
     finally:
+        stop.uninstall()
         destroy_process_group()
     # With TEST.EVAL_PERIOD the final evaluation during training already wrote the --eval-after files.
     if final and job.eval_after and int(cfg.TEST.EVAL_PERIOD) <= 0:

@@ -1,5 +1,13 @@
 """The iteration loop: next(data) -> losses -> backward (scaled under AMP) -> optimizer and LR step,
-with periodic metrics and checkpoints, as detectron2's SimpleTrainer/AMPTrainer with its default hooks."""
+with periodic metrics and checkpoints, as detectron2's SimpleTrainer/AMPTrainer with its default hooks.
+
+Unlike detectron2's PeriodicCheckpointer, a checkpoint does not stop training for its write: the
+state is copied to host memory and a background thread (engine/background.py) writes it and then
+the pointer, while the loop goes on; the next checkpoint waits only if that write still runs, and
+the final checkpoint waits for its own. On SIGTERM (engine/preemption.py) every rank finishes its
+iteration, the ranks agree on it, its checkpoint is written and waited for, and the loop raises
+TrainingInterrupted.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +21,11 @@ import torch
 from torch import nn
 
 from ..accel import Accelerator
-from ..comm import all_gather_objects, is_distributed, reduce_step_metrics, unwrap
-from .checkpointer import Checkpointer, capture_rng, periodic_name, restore_rng
+from ..comm import all_gather_objects, any_rank, is_distributed, reduce_step_metrics, unwrap
+from .background import BackgroundWriter
+from .checkpointer import FINAL, POINTER, Checkpointer, HostStaging, capture_rng, periodic_name, restore_rng
 from .metrics import LOG_PERIOD, IterationRecord, MetricsWriter, MetricWindows
+from .preemption import TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +47,9 @@ class Trainer:
     detectron2's EvalHook, after every `eval_period` iterations (after that iteration's checkpoint)
     and once more after the final checkpoint, when eval_period > 0. It may use any random number
     generator: their states are put back afterwards, so training continues exactly as without it.
+    stop() -> bool: whether this process was asked to stop (a StopSignal); checked after every
+    iteration, and the ranks stop together when any of them was. None: never stop early.
+    background: write checkpoints on a background thread (False: in the loop, as detectron2 does).
     """
 
     model: nn.Module
@@ -59,6 +72,13 @@ class Trainer:
     # Static mode: losses stay on the device and are read (and checked) every log_period steps,
     # before any checkpoint or evaluation, after backward(); no per-step host sync.
     defer_metrics: bool = False
+    stop: Callable[[], bool] | None = None
+    background: bool = True
+    writer: BackgroundWriter = field(default_factory=BackgroundWriter)
+    staging: HostStaging = field(default_factory=HostStaging)
+    # Seconds each checkpoint held up the loop (state gathered and copied, the previous write waited
+    # for, or the whole write when not in the background); rank 0's are the ones that mean much.
+    checkpoint_stalls: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.scaler is None:
@@ -155,9 +175,18 @@ class Trainer:
         return records
 
     def train(self, start_iter: int) -> None:
-        """Iterations start_iter .. max_iter-1, then the final checkpoint."""
+        """Iterations start_iter .. max_iter-1, then the final checkpoint. Raises TrainingInterrupted
+        after checkpointing the last finished iteration when stop() says so."""
         log.info("starting training at iteration %d of %d", start_iter, self.max_iter)
         self.model.train()
+        try:
+            self._loop(start_iter)
+            self.save_final()
+        except BaseException:
+            self.writer.drain()  # whatever failed, a checkpoint already being written still lands
+            raise
+
+    def _loop(self, start_iter: int) -> None:
         for it in range(start_iter, self.max_iter):
             rec = self.run_step(it)
             last = it == self.max_iter - 1
@@ -180,10 +209,34 @@ class Trainer:
                 self.save(periodic_name(it), it)
             if evaluating:
                 self.run_eval(it, final=False, sync=checkpointed)
-        self.save_final()
+            self.writer.raise_if_failed()
+            if not last and self.stop_agreed():
+                self._stop_after(it, checkpointed)
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop; the same answer on every rank (one small collective
+        per call, none without a stop())."""
+        return self.stop is not None and any_rank(bool(self.stop()))
+
+    def _stop_after(self, iteration: int, checkpointed: bool) -> None:
+        name = periodic_name(iteration)
+        if not checkpointed:
+            self.save(name, iteration)
+        self.writer.wait()
+        where = ""
+        if self.checkpointer is not None and self.make_state is not None:
+            where = self.checkpointer.uri(name)
+        raise TrainingInterrupted(
+            f"stopped on request (SIGTERM) after iteration {iteration}"
+            + (f": {where} is stored and {POINTER} names it; " if where else "; ")
+            + f"the same command (the step's retry) resumes at iteration {iteration + 1}",
+            iteration,
+            where,
+        )
 
     def run_eval(self, iteration: int, *, final: bool, sync: bool = False) -> dict:
-        """One evaluation after `iteration`, RNG-neutral; its row goes to the metrics (synced with `sync`)."""
+        """One evaluation after `iteration`, RNG-neutral; its row goes to the metrics (with `sync`
+        also to an s3:// output, in the background)."""
         if self.evaluate is None:
             return {}
         # Inference draws from the generators too (a DataLoader iterator takes its base seed from
@@ -196,23 +249,65 @@ class Trainer:
             self.model.train()
         row = self.metrics.write_eval(iteration, results) if self.metrics is not None else {}
         if sync and self.metrics is not None:
-            self.metrics.sync()  # this iteration's checkpoint is written: its evaluation may land too
+            # This iteration's checkpoint is written (or being written): its evaluation may land too.
+            upload = self.metrics.snapshot()
+            if upload is not None:
+                self._write(upload, f"the metrics under {self.metrics.output_uri}")
         return row
 
+    def _write(self, job: Callable[[], None], what: str) -> float:
+        """job() in the background (after the previous one) or now; returns the seconds waited for
+        the previous job."""
+        if self.background:
+            return self.writer.submit(job, what)
+        job()
+        return 0.0
+
     def save(self, name: str, iteration: int) -> None:
+        """Checkpoint the state after `iteration` as `name`: built on every rank (it gathers their RNG
+        states), copied to host memory and written by rank 0, in the background."""
         if self.checkpointer is None or self.make_state is None:
             return
-        # RNG states come from every rank, so the state is built collectively; rank 0 writes.
+        start = time.perf_counter()
         payload = self.make_state(self, iteration)
-        if self.metrics is not None:
-            self.metrics.sync()  # metrics up to this iteration land with the checkpoint
-        self.checkpointer.save(name, payload)
+        if not self.checkpointer.is_writer:
+            return
+        waited = self.writer.wait()  # the previous write is done with the staging buffers
+        upload_metrics = self.metrics.snapshot() if self.metrics is not None else None
+        copied = time.perf_counter()
+        if self.background:
+            payload = self.staging.copy(payload)  # training may now change the live tensors
+        copied = time.perf_counter() - copied
+        checkpointer = self.checkpointer
+
+        def write() -> None:
+            if upload_metrics is not None:
+                upload_metrics()  # metrics up to this iteration land with the checkpoint
+            checkpointer.save(name, payload)
+
+        self._write(write, checkpointer.uri(name))
+        stall = time.perf_counter() - start
+        self.checkpoint_stalls.append(stall)
+        if self.background:
+            log.info(
+                "checkpoint %s: training held up %.2f s (%.2f s waiting for the previous write, "
+                "state copied in %.2f s); writing it in the background",
+                name, stall, waited, copied,
+            )  # fmt: skip
 
     def save_final(self) -> None:
-        from .checkpointer import FINAL
-
+        """The final checkpoint, waited for; then the final evaluation, unless a stop was requested
+        (the final checkpoint is stored: the retry only evaluates)."""
         self.save(FINAL, self.max_iter - 1)
+        self.writer.wait()
         if self.eval_period > 0:
+            if self.stop_agreed():
+                raise TrainingInterrupted(
+                    f"stopped on request (SIGTERM) after the final checkpoint "
+                    f"{self.checkpointer.uri(FINAL) if self.checkpointer else ''}; the same command "
+                    "(the step's retry) runs the final evaluation",
+                    self.max_iter - 1,
+                )
             self.run_eval(self.max_iter - 1, final=True)
         if self.metrics is not None:
             self.metrics.close()

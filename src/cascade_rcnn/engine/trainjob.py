@@ -63,6 +63,11 @@ class Cluster:
     env: plain environment of every node (HCCL settings, see docs/cluster.md).
     tolerations: taint keys tolerated (Exists, NoSchedule), as the single-node step has them.
     schedule_timeout_s: how long the nodes may stay unscheduled before the step fails.
+    termination_grace_s: the node pods' terminationGracePeriodSeconds (0: Kubernetes' 30 s), the
+    time between SIGTERM and SIGKILL in which the workers finish their iteration and upload its
+    checkpoint (engine/preemption.py). torchrun's agent gets it as TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
+    its own SIGTERM-to-SIGKILL delay, which torch honours from pytorch/pytorch#172596 on (older
+    torch, e.g. the ascend image's 2.5, keeps 30 s).
     """
 
     nodes: int
@@ -81,6 +86,7 @@ class Cluster:
     tolerations: tuple = ()
     env: dict = field(default_factory=dict)
     schedule_timeout_s: int = 1800
+    termination_grace_s: int = 0
     poll_s: float = 5.0
     namespace: Optional[str] = None
 
@@ -93,6 +99,8 @@ class Cluster:
             raise ValueError("Cluster.image is empty: name the image the nodes run")
         if self.schedule_timeout_s <= 0:
             raise ValueError(f"schedule_timeout_s={self.schedule_timeout_s!r} must be positive")
+        if not isinstance(self.termination_grace_s, int) or self.termination_grace_s < 0:
+            raise ValueError(f"termination_grace_s={self.termination_grace_s!r} must be 0 or more seconds")
 
     @classmethod
     def from_json(cls, text: str, **run: Any) -> Cluster:
@@ -169,13 +177,16 @@ def custom_trainer(job: TrainJob, cluster: Cluster):
         resources["memory"] = cluster.memory_request
     if cluster.accelerator_type:
         resources[cluster.accelerator_type] = cluster.procs_per_node
+    env = dict(cluster.env)
+    if cluster.termination_grace_s:
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(cluster.termination_grace_s))
     return CustomTrainer(
         func=node_entry,
         func_args={"job": node_job(job, cluster), "record_uri": record_uri(job)},
         image=cluster.image,
         num_nodes=cluster.nodes,
         resources_per_node=resources or None,
-        env=dict(cluster.env) or None,
+        env=env or None,
     )
 
 
@@ -202,8 +213,8 @@ def _resources(cluster: Cluster) -> dict:
 
 
 def runtime_patch(cluster: Cluster) -> dict:
-    """The node pods' S3 Secret environment, /dev/shm, node selector and tolerations, as a
-    runtimePatches entry (Trainer >= 2.3)."""
+    """The node pods' S3 Secret environment, /dev/shm, node selector, tolerations and termination
+    grace period, as a runtimePatches entry (Trainer >= 2.3)."""
     env = [
         {"name": var, "valueFrom": {"secretKeyRef": {"name": cluster.s3_secret, "key": key}}}
         for var, key in cluster.secret_env.items()
@@ -225,6 +236,8 @@ def runtime_patch(cluster: Cluster) -> dict:
         container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     if cluster.node_selector:
         pod["nodeSelector"] = dict(cluster.node_selector)
+    if cluster.termination_grace_s:
+        pod["terminationGracePeriodSeconds"] = cluster.termination_grace_s
     if cluster.tolerations:
         pod["tolerations"] = [
             {"key": k, "operator": "Exists", "effect": "NoSchedule"} for k in cluster.tolerations

@@ -13,10 +13,13 @@ Guarantees:
 - atomic results: local files are written to a temp file in the target directory, fsync'ed, then
   renamed; S3 objects are a single PUT or a completed multipart upload (s3transfer aborts the
   upload when a part fails).
-- retries: botocore's "standard" mode (exponential backoff with jitter on throttling, 5xx and
-  connection errors; $AWS_MAX_ATTEMPTS attempts, default 8, $AWS_RETRY_MODE to change the mode),
-  plus a few re-reads of a response body cut off mid-stream. Auth errors and a missing bucket are
-  never retried; they raise StorageError naming the bucket and the endpoint.
+- outages cost time, not the run (retry.py): botocore's "standard" mode retries each request for a
+  few seconds ($AWS_MAX_ATTEMPTS attempts, default 8; $AWS_RETRY_MODE), and above it every S3
+  operation that keeps failing transiently (connection refused/reset, timeouts, 5xx, throttling, a
+  body cut off) is repeated with capped exponential backoff for $CASCADE_RCNN_S3_RETRY_SECONDS
+  (default 600; 0: off), logged once when it starts waiting and once when it recovers. Permanent
+  errors (credentials, a missing bucket or key, a refused conditional write) are never retried;
+  they raise StorageError naming the bucket and the endpoint. Local paths are not retried.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping, MutableMapping, NoReturn, Optional, Tuple
 
@@ -23,10 +22,9 @@ from .base import (
 )
 from .local import atomic_write, file_size, temp_path
 from .progress import Progress
+from .retry import retry_call
 
 log = logging.getLogger(__name__)
-
-_STREAM_ATTEMPTS = 4  # whole-GET retries when a response body is cut off mid-read
 
 # Error codes that retrying cannot fix: wrong or missing credentials, no permission.
 _AUTH_CODES = frozenset(
@@ -188,16 +186,9 @@ def _raise(exc: BaseException, op: str, bucket: str, key: str, endpoint: Optiona
     raise _translate(exc, op, bucket, key, endpoint) from exc
 
 
-def _stream_errors() -> Tuple[type, ...]:
-    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
-    from urllib3.exceptions import ProtocolError
-    from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeout
-
-    return (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ProtocolError, Urllib3ReadTimeout)
-
-
-def _backoff(attempt: int) -> None:
-    time.sleep(min(0.5 * 2**attempt, 8.0))
+def _is_precondition(exc: Any) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 def _check_sha(
@@ -228,6 +219,7 @@ class _ByteCounter:
         etag: Optional[str] = None,
     ):
         self._on_bytes, self._size, self._etag = on_bytes, size, etag
+        self.counted = 0
 
     def on_queued(self, future: Any, **kwargs: Any) -> None:
         if self._size is not None:
@@ -236,8 +228,15 @@ class _ByteCounter:
             future.meta.provide_object_etag(self._etag)
 
     def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self.counted += bytes_transferred
         if self._on_bytes is not None:
             self._on_bytes(bytes_transferred)
+
+    def take_back(self) -> None:
+        """Uncount this attempt's bytes (the transfer failed and will be repeated)."""
+        if self._on_bytes is not None and self.counted:
+            self._on_bytes(-self.counted)
+        self.counted = 0
 
     def on_done(self, future: Any, **kwargs: Any) -> None:
         pass
@@ -259,6 +258,12 @@ class S3Backend:
 
     # -- primitives (bucket and key already split) --
 
+    def _retry(self, op: str, bucket: str, key: str, fn: Callable[[], Any]) -> Any:
+        """fn(), one whole request, under the outage retry policy (retry.py). A permanent error comes
+        out as botocore raised it, for the caller to read its code; a spent budget as StorageError."""
+        uri = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+        return retry_call(fn, op, uri, _endpoint_name(self.endpoint))
+
     def _transfer_manager(self) -> Any:
         from s3transfer.manager import TransferConfig, TransferManager
 
@@ -278,7 +283,7 @@ class S3Backend:
         if (self.endpoint, bucket) in _known_buckets:
             return
         try:
-            self.client.head_bucket(Bucket=bucket)
+            self._retry(op, bucket, "", lambda: self.client.head_bucket(Bucket=bucket))
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchBucket", "NotFound"):
@@ -293,7 +298,7 @@ class S3Backend:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.head_object(Bucket=bucket, Key=key)
+            return self._retry("head", bucket, key, lambda: self.client.head_object(Bucket=bucket, Key=key))
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code not in ("404", "NoSuchKey", "NotFound"):
@@ -307,8 +312,11 @@ class S3Backend:
         return (self._head(bucket, key) or {}).get("Metadata", {}).get(SHA256_METADATA)
 
     def _put(self, data: bytes, bucket: str, key: str, sha: str) -> None:
-        try:
+        def put() -> None:
             self.client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_METADATA: sha})
+
+        try:
+            self._retry("put", bucket, key, put)
         except Exception as exc:
             _raise(exc, "put", bucket, key, self.endpoint)
 
@@ -335,16 +343,25 @@ class S3Backend:
                 on_bytes(len(data))
             return len(data), sha
         sha = sha or sha256_file(src)
+
+        def upload() -> None:
+            # A failed multipart upload is aborted by s3transfer; a retry starts a new one.
+            counter = _ByteCounter(on_bytes, size=size)
+            try:
+                with self._transfer_manager() as manager:
+                    manager.upload(
+                        str(src),
+                        bucket,
+                        key,
+                        extra_args={"Metadata": {SHA256_METADATA: sha}},
+                        subscribers=[counter],
+                    ).result()
+            except BaseException:
+                counter.take_back()
+                raise
+
         try:
-            with self._transfer_manager() as manager:
-                future = manager.upload(
-                    str(src),
-                    bucket,
-                    key,
-                    extra_args={"Metadata": {SHA256_METADATA: sha}},
-                    subscribers=[_ByteCounter(on_bytes, size=size)],
-                )
-                future.result()
+            self._retry("put", bucket, key, upload)
         except Exception as exc:
             _raise(exc, "put", bucket, key, self.endpoint)
         return size, sha
@@ -352,18 +369,15 @@ class S3Backend:
     def _get(self, bucket: str, key: str, require: bool) -> Tuple[bytes, bool, str]:
         """(data, verified, sha256 of data)."""
         uri = f"s3://{bucket}/{key}"
-        for attempt in range(_STREAM_ATTEMPTS):
-            try:
-                resp = self.client.get_object(Bucket=bucket, Key=key)
-                data = resp["Body"].read()
-                break
-            except _stream_errors() as exc:
-                if attempt == _STREAM_ATTEMPTS - 1:
-                    _raise(exc, "get", bucket, key, self.endpoint)
-                log.warning("get %s: body cut off (%s), retrying", uri, exc)
-                _backoff(attempt)
-            except Exception as exc:
-                _raise(exc, "get", bucket, key, self.endpoint)
+
+        def get() -> Tuple[dict, bytes]:
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+            return resp, resp["Body"].read()  # a body cut off mid-read repeats the whole GET
+
+        try:
+            resp, data = self._retry("get", bucket, key, get)
+        except Exception as exc:
+            _raise(exc, "get", bucket, key, self.endpoint)
         sha = hashlib.sha256(data).hexdigest()
         verified = _check_sha(uri, resp.get("Metadata", {}).get(SHA256_METADATA), sha, self.endpoint, require)
         return data, verified, sha
@@ -401,11 +415,19 @@ class S3Backend:
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = temp_path(dest)
             try:
-                try:
+
+                def download() -> None:
                     # Concurrent ranged GETs, each pinned to the HEAD's version by If-Match: etag.
-                    with self._transfer_manager() as manager:
-                        counter = _ByteCounter(on_bytes, size=size, etag=head.get("ETag"))
-                        manager.download(bucket, key, str(tmp), subscribers=[counter]).result()
+                    counter = _ByteCounter(on_bytes, size=size, etag=head.get("ETag"))
+                    try:
+                        with self._transfer_manager() as manager:
+                            manager.download(bucket, key, str(tmp), subscribers=[counter]).result()
+                    except BaseException:
+                        counter.take_back()
+                        raise
+
+                try:
+                    self._retry("get", bucket, key, download)
                 except Exception as exc:
                     _raise(exc, "get", bucket, key, self.endpoint)
                 sha = sha256_file(tmp)
@@ -433,7 +455,9 @@ class S3Backend:
             if token:
                 kwargs["ContinuationToken"] = token
             try:
-                resp = self.client.list_objects_v2(**kwargs)
+                resp = self._retry(
+                    "list", bucket, prefix, lambda kw=kwargs: self.client.list_objects_v2(**kw)
+                )
             except Exception as exc:
                 _raise(exc, "list", bucket, prefix, self.endpoint)
             for obj in resp.get("Contents", []):
@@ -453,9 +477,13 @@ class S3Backend:
     def get_versioned(self, uri: str) -> Tuple[bytes, str]:
         """(data, ETag) from one GET, so the version names exactly these bytes."""
         bucket, key = split_object(uri)
-        try:
+
+        def get() -> Tuple[dict, bytes]:
             resp = self.client.get_object(Bucket=bucket, Key=key)
-            data = resp["Body"].read()
+            return resp, resp["Body"].read()
+
+        try:
+            resp, data = self._retry("get", bucket, key, get)
         except Exception as exc:
             _raise(exc, "get", bucket, key, self.endpoint)
         _check_sha(uri, resp.get("Metadata", {}).get(SHA256_METADATA), hashlib.sha256(data).hexdigest(),
@@ -468,13 +496,34 @@ class S3Backend:
 
         bucket, key = split_object(uri)
         condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+
+        def put() -> dict:
+            cond = condition
+            for _ in range(3):
+                try:
+                    return self.client.put_object(
+                        Bucket=bucket, Key=key, Body=data, Metadata={SHA256_METADATA: sha}, **cond
+                    )
+                except ClientError as exc:
+                    if not _is_precondition(exc):
+                        raise
+                    # Refused, but the object carries our sha256: an earlier attempt (ours or
+                    # botocore's) got there and only its answer was lost. Whole, that write
+                    # succeeded. Cut short (some servers, SeaweedFS among them, store the part of a
+                    # body that arrived before the connection broke), it is ours to replace.
+                    head = self._head(bucket, key) or {}
+                    if head.get("Metadata", {}).get(SHA256_METADATA) != sha:
+                        raise
+                    if int(head.get("ContentLength", -1)) == len(data):
+                        return {"ETag": head["ETag"]}
+                    log.warning("conditional put %s: replacing our own write that was cut short", uri)
+                    cond = {"IfMatch": head["ETag"]}
+            raise StorageError(f"conditional put {uri}: our own writes keep arriving cut short")
+
         try:
-            resp = self.client.put_object(
-                Bucket=bucket, Key=key, Body=data, Metadata={SHA256_METADATA: sha}, **condition
-            )
+            resp = self._retry("conditional put", bucket, key, put)
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            if _is_precondition(exc):
                 what = "exists already" if version is None else f"is no longer version {version}"
                 raise PreconditionFailed(
                     f"conditional put {uri} refused by {_endpoint_name(self.endpoint)}: the object {what}"
@@ -517,7 +566,7 @@ class S3Backend:
     def delete(self, uri: str) -> None:
         bucket, key = split_object(uri)
         try:
-            self.client.delete_object(Bucket=bucket, Key=key)
+            self._retry("delete", bucket, key, lambda: self.client.delete_object(Bucket=bucket, Key=key))
         except Exception as exc:
             _raise(exc, "delete", bucket, key, self.endpoint)
 
@@ -530,8 +579,12 @@ class S3Backend:
         keys = [k for k, _ in self._list(bucket, prefix)]
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start : start + 1000]]
+
+            def delete_batch(batch: list = batch) -> dict:
+                return self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+
             try:
-                resp = self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+                resp = self._retry("delete", bucket, prefix, delete_batch)
             except Exception as exc:
                 _raise(exc, "delete", bucket, prefix, self.endpoint)
             if resp.get("Errors"):
