@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from s3_test_env import point_env_at, raw_client
 from shared_fixtures import shared_fixture, under_ci
 
 from cascade_rcnn.local_s3 import SeaweedServer, start_seaweedfs
@@ -49,33 +50,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> SeaweedServer:
         yield server
 
 
-def raw_client(server: SeaweedServer):
-    import boto3
-    from botocore.config import Config
-
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-    )
-
-
 @pytest.fixture
 def s3_client(s3_server: SeaweedServer):
     """A plain boto3 client for the session's server, for work behind the storage API's back."""
     return raw_client(s3_server)
-
-
-def point_env_at(server: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-    for name, value in server.env().items():
-        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture

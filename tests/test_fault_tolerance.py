@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import point_env_at
 from s3_proxy import S3Proxy
+from s3_test_env import point_env_at
 from test_engine_train import FAST, cli, final_weights, run_ok
 
 from cascade_rcnn import storage

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
-from conftest import point_env_at
 from s3_proxy import S3Proxy
+from s3_test_env import point_env_at
 from test_storage import _run_in_thread
 
 from cascade_rcnn import storage
