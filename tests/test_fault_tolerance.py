@@ -252,26 +252,50 @@ def test_outage_during_periodic_evaluation(store, s3_data, env, reference):
 def test_sigterm_at_a_random_moment_then_the_same_command(shapes24, tmp_path, reference_2proc):
     """SIGTERM to the launcher of 2 workers (as `kill`, `docker stop`): it passes the signal on, both
     ranks finish their iteration and agree on it, its checkpoint is written, and the run exits 143.
-    The same command resumes from that iteration and ends with the undisturbed run's weights."""
+    The same command resumes from that iteration and ends with the undisturbed run's weights.
+
+    The moment is random, and each of its three outcomes is checked: stopped after some iteration;
+    stopped after the final checkpoint, while the workers shut down (exit 143, the rerun has
+    nothing to train); or not stopped at all, because the run had ended (exit 0). The 10 iterations
+    took 2.3 s (a CI run, 2 cores) to 10 s (loaded), so a delay of up to 3 s meets all three."""
     out = str(tmp_path / "out")
     cmd = cli("train", shapes24, out, RECIPE, "--nproc-per-node", "2")
-    delay = random.Random(os.urandom(8)).uniform(0.0, 3.0)  # 10 iterations take 5-10 s here
+    delay = random.Random(os.urandom(8)).uniform(0.0, 3.0)
     proc = start(cmd, tmp_path / "stopped.txt")
     wait_for_line(proc, tmp_path / "stopped.txt", "starting training at iteration 0")
     time.sleep(delay)
     proc.send_signal(signal.SIGTERM)
     text = finish(proc, tmp_path / "stopped.txt", returncode=None)
-    if proc.returncode == 0:  # the signal came after the last iteration: nothing was left to stop
+    stopped = sorted(set(re.findall(r"stopped on request \(SIGTERM\) after iteration (\d+)", text)))
+    if proc.returncode == 0:  # the signal came after the workers had ended: nothing was left to stop
         assert pointer(out) == "model_final.pth", text[-3000:]
+    elif not stopped:  # after the final checkpoint, while the workers shut down
+        assert proc.returncode == 143, (delay, text[-5000:])
+        assert pointer(out) == "model_final.pth", (delay, text[-5000:])
+        again = run_ok(cmd, tmp_path / "again.txt")
+        assert "already holds the final checkpoint of 10 iterations; nothing to train" in again
     else:
-        assert proc.returncode == 143, text[-5000:]
-        stopped = sorted(set(re.findall(r"stopped on request \(SIGTERM\) after iteration (\d+)", text)))
+        assert proc.returncode == 143, (delay, text[-5000:])
         assert len(stopped) == 1, (delay, stopped, text[-5000:])  # both ranks, the same iteration
         iteration = int(stopped[0])
         assert pointer(out) == f"model_{iteration:07d}.pth", (delay, text[-3000:])
         resumed = run_ok(cmd, tmp_path / "resumed.txt")
         assert f"resuming from {out}/model_{iteration:07d}.pth: iteration {iteration + 1}" in resumed
     assert_same(final_weights(out, tmp_path), reference_2proc)
+
+
+def test_the_same_command_after_the_final_checkpoint_trains_nothing(shapes24, tmp_path, reference):
+    """What a retry meets when the step was stopped after its final checkpoint (the SIGTERM came
+    while the workers shut down): the final checkpoint is there, nothing is trained again, and the
+    weights stay the undisturbed run's."""
+    out = str(tmp_path / "out")
+    cmd = cli("train", shapes24, out, RECIPE)
+    run_ok(cmd, tmp_path / "first.txt")
+    again = run_ok(cmd, tmp_path / "again.txt")
+    assert "already holds the final checkpoint of 10 iterations; nothing to train" in again
+    assert "starting training" not in again
+    assert pointer(out) == "model_final.pth"
+    assert_same(final_weights(out, tmp_path), reference)
 
 
 def test_sigterm_while_a_checkpoint_upload_is_in_flight(store, shapes24, env, reference):
