@@ -59,7 +59,7 @@ def image_pins(root: Path) -> list[Pin]:
         if not any((target_dir / name).is_file() for name in ("Dockerfile", "build-args")):
             continue
         dockerfile, build_args = target_build_args(target_dir.name, root / "images")
-        args = parse_dockerfile(dockerfile, build_args).stage("build").args()
+        args = parse_dockerfile(dockerfile, build_args).install_stage.args()
         for arg, package in PIN_ARGS.items():
             if arg in args:
                 source = target_dir / "build-args" if arg in build_args else dockerfile

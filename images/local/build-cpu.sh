@@ -12,11 +12,8 @@
 #
 # Rebuilds are cheap when nothing changed: the image carries a label with the hash of its build
 # context, base image and pip settings, and a build whose hash matches is skipped (podman's own
-# layer cache would still hash the whole multi-GB environment for COPY --from). Layers are
-# cached (--layers). The build stage is built and tagged TAG-build first, then removed once the
-# image is built: its only costly layer (the install) depends on src/, so it would be rebuilt
-# anyway on the next change, and it holds a 6 GB environment. The image a rebuild replaces is
-# removed too.
+# layer cache would still hash the whole multi-GB build context). Layers are
+# cached (--layers); the image a rebuild replaces is removed (it holds a 6 GB environment).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -81,16 +78,11 @@ args=(
 args+=(${BUILD_ARGS:-})
 
 image_id() { podman image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
-old=("$(image_id "$tag-build")" "$(image_id "$tag")")
+old=$(image_id "$tag")
 
-say "build stage -> $tag-build"
-podman build "${args[@]}" --target build -t "$tag-build" "$root"
 say "image -> $tag"
 podman build "${args[@]}" --label "$label=$hash" -t "$tag" "$root"
-podman rmi "$tag-build" >/dev/null 2>&1 || say "kept the build stage $tag-build (in use)"
-for id in "${old[@]}"; do
-    if [ -n "$id" ] && [ "$id" != "$(image_id "$tag-build")" ] && [ "$id" != "$(image_id "$tag")" ]; then
-        podman rmi "$id" >/dev/null 2>&1 || say "kept the replaced image $id (in use)"
-    fi
-done
+if [ -n "$old" ] && [ "$old" != "$(image_id "$tag")" ]; then
+    podman rmi "$old" >/dev/null 2>&1 || say "kept the replaced image $old (in use)"
+fi
 say "$tag: $(podman image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.1f GB", $1/1e9}')"

@@ -54,8 +54,8 @@ prepare_engine() {
 started=0
 step engine prepare_engine
 step base "$here/make-base.sh" "${BASE_IMAGE:-localhost/bookworm-py311}"
-# The build holds up to three copies of a 6 GB environment at once (build stage, its container
-# layer, the image's copy); say what there is, so that a failure for space reads as one.
+# The build holds two copies of a 6 GB environment at once (the install step's container and the
+# layer committed from it); say what there is, so that a failure for space reads as one.
 echo "==> disk: $(df -h --output=avail /var/lib/containers 2>/dev/null | tail -1 | tr -d ' ') free for podman's storage" >&2
 step build "$here/build-cpu.sh" "$image"
 step node "$here/build-trainer-node.sh" "$image" "$image-node"
